@@ -1,0 +1,1 @@
+"""mirage: a standalone, pure-PyTorch reference implementation of the Mirage (PRX) text-to-image model."""
