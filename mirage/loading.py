@@ -5,13 +5,16 @@ tensors with `load_state_dict(strict=True, assign=True)`, so loading costs one r
 missing, unexpected or misshapen key is an error that names it.
 """
 
+import json
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+
+from .configs import MirageConfig
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -27,8 +30,22 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
         raise CheckpointError(f"{path} does not exist: convert a checkpoint first (python convert_weights.py SRC OUT)")
     try:
         return load_file(path, device=str(device))
-    except (SafetensorsError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}): convert the checkpoint again") from None
+
+
+def read_config(folder: str | Path) -> MirageConfig:
+    """The `config.json` of a converted checkpoint folder, or a CheckpointError saying how to make one."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} is not a converted checkpoint (no config.json): run python convert_weights.py SRC {folder}"
+        )
+    try:
+        return MirageConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not a valid mirage config ({err}): convert the checkpoint again") from None
 
 
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
