@@ -1,6 +1,391 @@
-"""Convert published Mirage/PRX checkpoints into mirage's layout (not implemented yet)."""
+"""Convert published Mirage / PRX weights into mirage's layout.
 
+    python convert_weights.py Photoroom/prx-512-t2i-sft weights/prx-512-sft
+    python convert_weights.py --transformer model.pth --text-encoder google/t5gemma-2b-2b-ul2 \\
+        --tokenizer google/t5gemma-2b-2b-ul2 --vae ae.safetensors weights/my-mirage
+
+SRC is a folder in diffusers layout (`model_index.json`, `transformer/`, `text_encoder/`, `tokenizer/`,
+`vae/`, `scheduler/`) or, with `huggingface_hub` installed, a Hub repo id. The part flags replace or
+supply single components (the older Mirage layout held only the transformer and scheduler). OUT gets:
+`config.json`, `transformer.safetensors`, `text_encoder.safetensors`, `vae.safetensors`, `tokenizer.model`.
+
+Module names in mirage equal the diffusers (transformer, VAEs) and transformers (T5Gemma) checkpoint
+keys, so those load as they are; the two other formats each get one rename table below.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
 import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from mirage.configs import (
+    DCAEConfig,
+    FluxVAEConfig,
+    MirageConfig,
+    SamplingConfig,
+    TextEncoderConfig,
+    TokenizerConfig,
+    TransformerConfig,
+)
+from mirage.loading import CheckpointError, check_state_dict, read_safetensors
+from mirage.text_encoder import T5GemmaEncoder
+from mirage.tokenizer import sentencepiece_model_from_tokenizer_json
+from mirage.transformer import MirageTransformer
+from mirage.vae_dcae import DCAE
+from mirage.vae_flux import FluxVAE
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VAE_CLASS_NAMES = {"AutoencoderKL": "flux", "AutoencoderDC": "dc-ae"}
+
+# Photoroom's training codebase (Photoroom/PRX models/prx.py) -> diffusers, inside `blocks.{i}.`;
+# its RMSNorm calls its weight `scale` in some versions and `weight` in others.
+ORIGINAL_BLOCK_RENAMES = {
+    "img_qkv_proj.weight": "attention.img_qkv_proj.weight",
+    "txt_kv_proj.weight": "attention.txt_kv_proj.weight",
+    "qk_norm.query_norm.scale": "attention.norm_q.weight",
+    "qk_norm.query_norm.weight": "attention.norm_q.weight",
+    "qk_norm.key_norm.scale": "attention.norm_k.weight",
+    "qk_norm.key_norm.weight": "attention.norm_k.weight",
+    "k_norm.scale": "attention.norm_added_k.weight",
+    "k_norm.weight": "attention.norm_added_k.weight",
+    "attn_out.weight": "attention.to_out.0.weight",
+}
+
+# Black Forest Labs' `ae.safetensors` (the original LDM naming) -> diffusers AutoencoderKL, per name part.
+BFL_VAE_RENAMES = {
+    "down": "down_blocks",
+    "up": "up_blocks",
+    "block": "resnets",
+    "nin_shortcut": "conv_shortcut",
+    "downsample": "downsamplers.0",
+    "upsample": "upsamplers.0",
+    "norm_out": "conv_norm_out",
+    "mid.block_1": "mid_block.resnets.0",
+    "mid.block_2": "mid_block.resnets.1",
+    "mid.attn_1.norm": "mid_block.attentions.0.group_norm",
+    "mid.attn_1.q": "mid_block.attentions.0.to_q",
+    "mid.attn_1.k": "mid_block.attentions.0.to_k",
+    "mid.attn_1.v": "mid_block.attentions.0.to_v",
+    "mid.attn_1.proj_out": "mid_block.attentions.0.to_out.0",
+}
+
+
+# ---- reading sources -------------------------------------------------------------------------
+
+
+def resolve_source(spec: str) -> Path:
+    """A local file or folder as it is; a Hub repo id (`owner/name`) downloaded with huggingface_hub."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        raise CheckpointError(f"{spec} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{spec} is not a local path; to download it from the Hub, pip install huggingface_hub"
+        ) from None
+    return Path(snapshot_download(spec))
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+
+
+def read_weights(path: Path, stem: str = "") -> dict[str, torch.Tensor]:
+    """All tensors of a file, or of a folder's `{stem}.safetensors` (sharded with an index json, or not)."""
+    if path.is_file():
+        return read_weights_file(path)
+    index = path / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
+    single = path / f"{stem}.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{path} holds no {stem}.safetensors (nor a sharded index): is it the right folder?")
+    return read_safetensors(single)
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a torch pickle read safely (weights only), unwrapped from model/state_dict."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many types for a bad pickle; all mean the same to the user
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def read_transformer(path: Path, latent_channels: int) -> tuple[TransformerConfig, dict]:
+    """A diffusers transformer folder, or an original-codebase state dict file (config inferred)."""
+    if path.is_dir():
+        config = TransformerConfig.from_diffusers(read_json(path / "config.json"))
+        return config, read_weights(path, "diffusion_pytorch_model")
+    weights = read_weights_file(path)
+    if not any(k.startswith("blocks.0.attention.") for k in weights):
+        weights = {rename_original_key(k): v for k, v in weights.items()}
+    return infer_transformer_config(weights, latent_channels), weights
+
+
+def rename_original_key(key: str) -> str:
+    match = re.fullmatch(r"(blocks\.\d+\.)(.+)", key)
+    if match and match[2] in ORIGINAL_BLOCK_RENAMES:
+        return match[1] + ORIGINAL_BLOCK_RENAMES[match[2]]
+    return key
+
+
+def infer_transformer_config(weights: dict, latent_channels: int) -> TransformerConfig:
+    """An original-codebase file has no config: read the hyper-parameters off the tensor shapes."""
+    try:
+        hidden, patch_dim = weights["img_in.weight"].shape
+        head_dim = weights["blocks.0.attention.norm_q.weight"].shape[0]
+        context_in_dim = weights["txt_in.weight"].shape[1]
+        mlp_hidden = weights["blocks.0.gate_proj.weight"].shape[0]
+    except KeyError as err:
+        raise CheckpointError(f"the transformer state dict lacks {err}: is it a PRX transformer?") from None
+    patch_size = round((patch_dim / latent_channels) ** 0.5)
+    if patch_size**2 * latent_channels != patch_dim:
+        raise CheckpointError(
+            f"img_in takes {patch_dim} features, which is no square patch of {latent_channels} latent channels: "
+            "wrong --vae or --vae-type?"
+        )
+    depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+    return replace(
+        TransformerConfig(),
+        in_channels=latent_channels,
+        patch_size=patch_size,
+        context_in_dim=context_in_dim,
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        depth=depth,
+        mlp_ratio=mlp_hidden / hidden,
+        axes_dim=(head_dim // 2, head_dim // 2),
+    )
+
+
+def read_text_encoder(path: Path) -> tuple[TextEncoderConfig, dict]:
+    """A T5Gemma encoder folder, or a full encoder-decoder one: keep the encoder, drop the rest."""
+    config = TextEncoderConfig.from_transformers(read_json(path / "config.json"))
+    weights = read_weights(path, "model")
+    prefix = next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in weights)), "")
+    return config, {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def read_tokenizer(path: Path) -> tuple[TokenizerConfig, bytes]:
+    """A tokenizer folder: its SentencePiece model, or one rebuilt from `tokenizer.json` (transformers 5)."""
+    settings = path / "tokenizer_config.json"
+    # transformers 5 keeps BOS/EOS in tokenizer.json's template and drops the flags from the config.
+    tokenizer_json = read_json(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    config = TokenizerConfig.from_tokenizer_config(read_json(settings) if settings.is_file() else {}, tokenizer_json)
+    if (path / "tokenizer.model").is_file():
+        return config, (path / "tokenizer.model").read_bytes()
+    if tokenizer_json is None:
+        raise CheckpointError(f"{path} has neither tokenizer.model nor tokenizer.json: pass --tokenizer FOLDER")
+    try:
+        return config, sentencepiece_model_from_tokenizer_json(tokenizer_json)
+    except ValueError as err:
+        raise CheckpointError(f"{path}/tokenizer.json: {err}") from None
+
+
+def read_vae(path: Path, vae_type: str | None) -> tuple[str, FluxVAEConfig | DCAEConfig, dict]:
+    """A diffusers AutoencoderKL / AutoencoderDC folder, or Black Forest Labs' single-file `ae.safetensors`."""
+    if path.is_file():
+        if vae_type not in (None, "flux"):
+            raise CheckpointError(f"{path} is a single-file VAE, which mirage reads only for the Flux VAE")
+        weights = {rename_bfl_vae_key(k): v for k, v in read_weights_file(path).items()}
+        return "flux", FluxVAEConfig(), squeeze_attention_convs(weights)
+    raw = read_json(path / "config.json")
+    found = VAE_CLASS_NAMES.get(raw.get("_class_name"))
+    if found is None:
+        raise CheckpointError(
+            f"{path}/config.json describes a {raw.get('_class_name')!r}, not a VAE mirage knows "
+            f"({', '.join(VAE_CLASS_NAMES)})"
+        )
+    if vae_type is not None and vae_type != found:
+        raise CheckpointError(f"{path} holds a {raw['_class_name']} ({found}), but the VAE type was given as {vae_type}")
+    config = FluxVAEConfig.from_diffusers(raw) if found == "flux" else DCAEConfig.from_diffusers(raw)
+    return found, config, read_weights(path, "diffusion_pytorch_model")
+
+
+def rename_bfl_vae_key(key: str) -> str:
+    """`decoder.up.{i}` counts from the lowest resolution up; diffusers' `up_blocks` from the top down."""
+    match = re.fullmatch(r"decoder\.up\.(\d+)\.(.+)", key)
+    if match:
+        key = f"decoder.up.{3 - int(match[1])}.{match[2]}"
+    for old, new in sorted(BFL_VAE_RENAMES.items(), key=lambda kv: -len(kv[0])):
+        key = re.sub(rf"(?<=\.){re.escape(old)}(?=\.)", new, key)
+    return key
+
+
+def squeeze_attention_convs(weights: dict) -> dict:
+    """The LDM attention uses 1x1 convolutions [C, C, 1, 1]; diffusers uses linear layers [C, C]."""
+    return {
+        k: v[:, :, 0, 0] if ".attentions." in k and v.ndim == 4 else v
+        for k, v in weights.items()
+    }
+
+
+def read_scheduler(path: Path) -> dict:
+    """shift and num_train_timesteps of a FlowMatchEulerDiscreteScheduler; other options are not supported."""
+    raw = read_json(path / "scheduler_config.json")
+    unsupported = {
+        k: raw[k]
+        for k in ("use_dynamic_shifting", "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
+                  "use_beta_sigmas", "stochastic_sampling", "shift_terminal")
+        if raw.get(k)
+    }  # fmt: skip
+    if raw.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler" or unsupported:
+        raise CheckpointError(f"{path} sets scheduler options mirage does not implement: {unsupported or raw['_class_name']}")
+    return {"shift": float(raw.get("shift", 1.0)), "num_train_timesteps": int(raw.get("num_train_timesteps", 1000))}
+
+
+# ---- assembling a checkpoint -----------------------------------------------------------------
+
+
+def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes]:
+    """Read every component from SRC and the part flags: -> config, {component: weights}, tokenizer model."""
+    src = resolve_source(args.src) if args.src else None
+    index = read_json(src / "model_index.json") if src else {}
+    if src and not (src / "model_index.json").is_file():
+        raise CheckpointError(f"{src} has no model_index.json: pass a diffusers-layout folder, or the part flags")
+
+    def part(flag_value, subfolder):
+        if flag_value:
+            return resolve_source(flag_value)
+        if src is None or not (src / subfolder).exists():
+            raise CheckpointError(f"no {subfolder} found: pass --{subfolder.replace('_', '-')} PATH")
+        return src / subfolder
+
+    vae_type = args.vae_type or VAE_CLASS_NAMES.get((index.get("vae") or [None, None])[1])
+    vae_type, vae_config, vae_weights = read_vae(part(args.vae, "vae"), vae_type)
+    transformer_config, transformer_weights = read_transformer(part(args.transformer, "transformer"), vae_config.latent_channels)
+    text_config, text_weights = read_text_encoder(part(args.text_encoder, "text_encoder"))
+    tokenizer_config, tokenizer_model = read_tokenizer(part(args.tokenizer, "tokenizer"))
+    scheduler = read_scheduler(src / "scheduler") if src and (src / "scheduler").is_dir() else {}
+
+    distilled = "distilled" in " ".join(str(s) for s in (args.src, args.transformer) if s)
+    sampling = SamplingConfig(
+        **scheduler,
+        num_inference_steps=args.steps or (8 if distilled else 28),
+        guidance_scale=args.guidance or (1.0 if distilled else 4.0),
+        default_sample_size=args.sample_size or index.get("default_sample_size") or 512,
+    )
+    config = MirageConfig(transformer_config, text_config, tokenizer_config, vae_type, vae_config, sampling)
+    weights = {"transformer": transformer_weights, "text_encoder": text_weights, "vae": vae_weights}
+    return config, weights, tokenizer_model
+
+
+def check_weights(config: MirageConfig, weights: dict[str, dict]) -> None:
+    """Every tensor against the shapes the config implies (models built on the meta device: no memory)."""
+    vae_class = FluxVAE if config.vae_type == "flux" else DCAE
+    makers = {
+        "transformer": lambda: MirageTransformer(config.transformer),
+        "text_encoder": lambda: T5GemmaEncoder(config.text_encoder),
+        "vae": lambda: vae_class(config.vae),
+    }
+    for name, make in makers.items():
+        with torch.device("meta"):
+            model = make()
+        check_state_dict(model, weights[name], source=f"the {name} weights")
+
+
+def write_checkpoint(out: Path, config: MirageConfig, weights: dict, tokenizer_model: bytes, dtype, force: bool):
+    """Write into a temporary folder beside OUT, then rename: a failure leaves nothing half-written."""
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} already exists: pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for name, state in weights.items():
+            state = {k: cast(v, dtype).contiguous() for k, v in state.items()}
+            save_file(state, tmp / f"{name}.safetensors", metadata={"format": "pt"})
+        (tmp / "tokenizer.model").write_bytes(tokenizer_model)
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def describe(config: MirageConfig, weights: dict, dtype) -> list[str]:
+    """One line per component: what it is, how many parameters, which dtype is stored."""
+
+    def summary(state):
+        count = sum(v.numel() for v in state.values())
+        stored = dtype or next(v.dtype for v in state.values() if v.is_floating_point())
+        size = f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
+        return f"{size} parameters, {str(stored).removeprefix('torch.')}"
+
+    t = config.transformer
+    return [
+        f"transformer:  PRX, hidden {t.hidden_size}, depth {t.depth}, {t.num_heads} heads, patch {t.patch_size}; "
+        + summary(weights["transformer"]),
+        f"text encoder: T5Gemma encoder, {config.text_encoder.num_hidden_layers} layers; " + summary(weights["text_encoder"]),
+        f"vae:          {'Flux VAE (8x, 16 channels)' if config.vae_type == 'flux' else 'DC-AE (32x, 32 channels)'}; "
+        + summary(weights["vae"]),
+        f"sampling:     {config.sampling.num_inference_steps} steps, guidance {config.sampling.guidance_scale}, "
+        f"shift {config.sampling.shift}, {config.sampling.default_sample_size} px",
+    ]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", nargs="?", help="diffusers-layout folder or Hub repo id (optional with the part flags)")
+    parser.add_argument("out", help="output folder, e.g. weights/prx-512-sft")
+    parser.add_argument("--transformer", help="diffusers transformer folder, or an original-codebase .pth/.pt/.safetensors")
+    parser.add_argument("--text-encoder", help="T5Gemma encoder folder, or the full google/t5gemma-2b-2b-ul2")
+    parser.add_argument("--tokenizer", help="tokenizer folder (tokenizer.model, or tokenizer.json)")
+    parser.add_argument("--vae", help="diffusers AutoencoderKL/AutoencoderDC folder, or Black Forest Labs' ae.safetensors")
+    parser.add_argument("--vae-type", choices=("flux", "dc-ae"), help="when nothing else says which VAE it is")
+    parser.add_argument("--steps", type=int, help="recommended steps (default: 28, or 8 for distilled checkpoints)")
+    parser.add_argument("--guidance", type=float, help="recommended guidance (default: 4.0, or 1.0 for distilled)")
+    parser.add_argument("--sample-size", type=int, choices=(256, 512, 1024), help="training resolution, if SRC lacks it")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="stored dtype (default: keep the source's)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    dtype = DTYPES.get(args.dtype)
+    out = Path(args.out)
+    if out.exists() and not args.force:  # fail before reading gigabytes
+        raise CheckpointError(f"{out} already exists: pass --force to replace it")
+    config, weights, tokenizer_model = gather(args)
+    check_weights(config, weights)
+    write_checkpoint(out, config, weights, tokenizer_model, dtype, args.force)
+    print("\n".join(describe(config, weights, dtype)))
+    print(f"wrote {out}")
+
 
 if __name__ == "__main__":
-    sys.exit("convert_weights.py: checkpoint conversion is not implemented yet (tracked in issue 5).")
+    try:
+        main()
+    except (CheckpointError, ValueError, OSError) as err:
+        sys.exit(f"convert_weights.py: error: {err}")

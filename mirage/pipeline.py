@@ -1,0 +1,309 @@
+"""Text to image with Mirage: prompts -> T5Gemma embeddings -> flow-matching denoising -> VAE decode.
+
+Follows diffusers' `PRXPipeline` (0.42.1) step for step, with three deliberate differences:
+- every image gets its own prompt's embeddings AND mask (the reference repeat-interleaves embeddings but
+  tiles masks, so with several prompts and several images each, images get another prompt's mask), and
+  the timestep is broadcast to the batch (the reference's `.repeat(2)` crashes any CFG batch > 1);
+- prompts are encoded only up to the longest one in the batch instead of 256 tokens: the encoder's
+  output at real tokens does not depend on padding and the transformer masks padded keys, so the
+  result is the same for a fraction of the work;
+- the text side of the transformer (projection, per-block keys/values) is computed once per call.
+
+Shapes: B prompts, K images per prompt, N = B * K images, L text tokens, D text width,
+C latent channels, h/w latent grid, H/W pixels.
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .autoencoder import decode_latents
+from .configs import MirageConfig
+from .loading import CheckpointError, build_model, read_config, read_safetensors
+from .prompt_cleaning import basic_clean, clean_prompt
+from .sampling import denoise, flow_match_sigmas
+from .text_encoder import T5GemmaEncoder
+from .tokenizer import GemmaTokenizer
+from .transformer import MirageTransformer
+from .vae_dcae import DCAE
+from .vae_flux import FluxVAE
+
+log = logging.getLogger("mirage")
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+# Aspect-ratio bins (height / width -> (height, width)) per training resolution: the shapes the model
+# saw in training. A request is generated at the nearest bin and resized back. Same bins as the reference.
+ASPECT_RATIO_BINS = {
+    256: {0.46: (160, 352), 0.6: (192, 320), 0.78: (224, 288), 1.0: (256, 256), 1.29: (288, 224),
+          1.67: (320, 192), 2.2: (352, 160)},
+    512: {0.5: (352, 704), 0.57: (384, 672), 0.6: (384, 640), 0.68: (416, 608), 0.78: (448, 576),
+          0.88: (480, 544), 1.0: (512, 512), 1.13: (544, 480), 1.29: (576, 448), 1.46: (608, 416),
+          1.67: (640, 384), 1.75: (672, 384), 2.0: (704, 352)},
+    1024: {0.49: (704, 1440), 0.52: (736, 1408), 0.53: (736, 1376), 0.57: (768, 1344), 0.59: (768, 1312),
+           0.62: (800, 1280), 0.67: (832, 1248), 0.68: (832, 1216), 0.78: (896, 1152), 0.83: (928, 1120),
+           0.94: (992, 1056), 1.0: (1024, 1024), 1.06: (1056, 992), 1.13: (1088, 960), 1.21: (1120, 928),
+           1.29: (1152, 896), 1.37: (1184, 864), 1.46: (1216, 832), 1.5: (1248, 832), 1.71: (1312, 768),
+           1.75: (1344, 768), 1.87: (1376, 736), 1.91: (1408, 736), 2.05: (1440, 704)},
+}  # fmt: skip
+
+
+def nearest_bin(height: int, width: int, sample_size: int) -> tuple[int, int]:
+    """The (height, width) bin whose aspect ratio is closest to the request's (first one on ties)."""
+    if sample_size not in ASPECT_RATIO_BINS:
+        raise ValueError(
+            f"resolution binning knows sample sizes {sorted(ASPECT_RATIO_BINS)}, not {sample_size}: "
+            "pass use_resolution_binning=False"
+        )
+    bins = ASPECT_RATIO_BINS[sample_size]
+    ratio = min(bins, key=lambda r: abs(r - height / width))
+    return bins[ratio]
+
+
+def resize_and_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale [N, 3, H', W'] so it covers (height, width), then centre-crop to it, as the reference does."""
+    h, w = images.shape[-2:]
+    if (h, w) == (height, width):
+        return images
+    ratio = max(height / h, width / w)
+    new_h, new_w = int(h * ratio), int(w * ratio)  # truncated, like the reference
+    images = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return images[..., top : top + height, left : left + width]  # [N, 3, height, width]
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[N, 3, H, W] in [0, 1] -> N RGB images (rounded to the nearest of 256 levels)."""
+    pixels = (images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()  # [N, H, W, 3]
+    return [Image.fromarray(p) for p in pixels]
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on accelerators (what Photoroom recommends); fp32 on CPU, where bf16 is only fast with AMX."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+class MiragePipeline:
+    """The whole text-to-image path over one converted checkpoint folder (see `convert_weights.py`)."""
+
+    def __init__(self, config: MirageConfig, transformer, text_encoder, tokenizer, vae):
+        self.config = config
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None) -> "MiragePipeline":
+        """Load a converted folder onto `device` (default: cuda, mps, cpu) in `dtype` (bf16 there, fp32 on CPU)."""
+        folder = Path(path)
+        config = read_config(folder)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        vae_class = FluxVAE if config.vae_type == "flux" else DCAE
+
+        def load(name, make, component_dtype):
+            weights = read_safetensors(folder / f"{name}.safetensors")
+            return build_model(make, weights, device, component_dtype, source=str(folder / f"{name}.safetensors"))
+
+        transformer = load("transformer", lambda: MirageTransformer(config.transformer), dtype)
+        text_encoder = load("text_encoder", lambda: T5GemmaEncoder(config.text_encoder), dtype)
+        vae = load("vae", lambda: vae_class(config.vae), dtype)
+        tokenizer = GemmaTokenizer(folder / "tokenizer.model", config.tokenizer)
+        return cls(config, transformer, text_encoder, tokenizer, vae)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Height and width must be multiples of this: one latent patch in pixels."""
+        return self.vae.spatial_compression * self.config.transformer.patch_size
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], skip_text_cleaning: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean, tokenise and encode prompts in one batch: -> embeddings [B, L, D], mask [B, L] (bool).
+
+        L is the longest prompt's token count, not the tokenizer's 256: see the module docstring.
+        """
+        clean = basic_clean if skip_text_cleaning else clean_prompt
+        ids, mask = self.tokenizer([clean(p) for p in prompts], padding="longest")  # [B, L], [B, L]
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self.text_encoder(ids, mask), mask  # [B, L, D], [B, L]
+
+    def text_conditioning(
+        self,
+        prompt: list[str] | None,
+        negative_prompt: list[str],
+        num_images_per_prompt: int,
+        guidance: bool,
+        prompt_embeds=None,
+        prompt_mask=None,
+        negative_prompt_embeds=None,
+        negative_prompt_mask=None,
+        skip_text_cleaning: bool = False,
+    ):
+        """The transformer's text context for the batch [uncond images; cond images] (uncond only with guidance)."""
+        if prompt_embeds is None:
+            texts = (negative_prompt if guidance else []) + prompt  # negatives first, as the reference batches them
+            embeds, mask = self.encode_prompts(texts, skip_text_cleaning)
+            if guidance:
+                negative_prompt_embeds, prompt_embeds = embeds.chunk(2)
+                negative_prompt_mask, prompt_mask = mask.chunk(2)
+            else:
+                prompt_embeds, prompt_mask = embeds, mask
+        groups = [(prompt_embeds, prompt_mask)]
+        if guidance:
+            groups.insert(0, (negative_prompt_embeds, negative_prompt_mask))
+        embeds, masks = [], []
+        for group_embeds, group_mask in groups:
+            if group_mask is None:
+                group_mask = torch.ones(group_embeds.shape[:2], dtype=torch.bool)
+            # Each image gets its own prompt's embeddings AND mask: [B, ...] -> [B * K, ...].
+            embeds.append(group_embeds.repeat_interleave(num_images_per_prompt, dim=0))
+            masks.append(group_mask.bool().repeat_interleave(num_images_per_prompt, dim=0))
+        length = max(e.shape[1] for e in embeds)
+        embeds = torch.cat([_left_pad(e, length) for e in embeds]).to(self.device, self.dtype)  # [2N or N, L, D]
+        masks = torch.cat([_left_pad(m, length) for m in masks]).to(self.device)  # [2N or N, L]
+        return self.transformer.encode_text(embeds, masks)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        num_images_per_prompt: int = 1,
+        use_resolution_binning: bool = True,
+        output_type: str = "pil",
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_mask: torch.Tensor | None = None,
+        sigmas: list[float] | None = None,
+        callback=None,
+        progress: bool = True,
+        skip_text_cleaning: bool = False,
+    ):
+        """Generate N = prompts x num_images_per_prompt images.
+
+        Returns a list of PIL images ("pil"), an array [N, H, W, 3] in [0, 1] ("np"), a tensor [N, 3, H, W] in
+        [0, 1] ("pt") or the final latents [N, C, h, w] at the binned size ("latent"). Unset sampling
+        settings come from the checkpoint's config. `seed` draws the initial noise on the CPU in one draw
+        for the whole batch, so a seed gives the same picture on every device; `generator` or `latents`
+        may be given instead. `callback(step, sigma, latents, velocity)` runs after every step.
+        """
+        sampling = self.config.sampling
+        steps = sampling.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = sampling.guidance_scale if guidance_scale is None else guidance_scale
+        height = height or sampling.default_sample_size
+        width = width or sampling.default_sample_size
+        request = (height, width)
+        if use_resolution_binning:
+            height, width = nearest_bin(height, width, sampling.default_sample_size)
+        prompt, negative_prompt, batch = self._check_inputs(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, steps, guidance_scale,
+            num_images_per_prompt, output_type, sigmas,
+        )  # fmt: skip
+        guidance = guidance_scale > 1.0
+        context = self.text_conditioning(
+            prompt, negative_prompt, num_images_per_prompt, guidance, prompt_embeds, prompt_mask,
+            negative_prompt_embeds, negative_prompt_mask, skip_text_cleaning,
+        )  # fmt: skip
+        n = batch * num_images_per_prompt
+        latents = self.initial_latents(n, height, width, seed, generator, latents)  # [N, C, h, w]
+        schedule = flow_match_sigmas(steps, sampling.shift, sampling.num_train_timesteps, sigmas)
+        latents = denoise(self.transformer, latents, schedule, context, guidance_scale, callback, progress)
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError(
+                f"the transformer produced inf/NaN latents in {self.dtype}: run it in bf16 or fp32 (--dtype)"
+            )
+        if output_type == "latent":
+            return latents
+        images = decode_latents(self.vae, latents)  # [N, 3, H, W] in about [-1, 1]
+        if use_resolution_binning:
+            images = resize_and_crop(images, *request)
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        if output_type == "np":
+            return images.float().permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, 3]
+        return to_pil(images)
+
+    def initial_latents(self, n, height, width, seed=None, generator=None, latents=None) -> torch.Tensor:
+        """Gaussian noise [N, C, h, w], drawn on the CPU in one draw for the batch, then moved to the device."""
+        factor = self.vae.spatial_compression
+        shape = (n, self.vae.latent_channels, height // factor, width // factor)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
+            return latents.to(self.device, self.dtype)
+        if generator is None:
+            generator = torch.Generator("cpu")
+            if seed is None:
+                generator.seed()  # a fresh random seed for this generator only, not the global one
+            else:
+                generator.manual_seed(seed)
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
+
+    def _check_inputs(
+        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, steps, guidance_scale,
+        num_images_per_prompt, output_type, sigmas,
+    ):  # fmt: skip
+        """Validate a request up front; -> (prompts, negative prompts, number of prompts)."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt and prompt_embeds")
+        if prompt is not None:
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompt:
+                raise ValueError("the prompt list is empty: pass at least one prompt")
+        batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        negative_prompt = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negative_prompt) != batch:
+            raise ValueError(f"got {len(negative_prompt)} negative prompts for {batch} prompts: pass one, or one each")
+        if prompt_embeds is not None and guidance_scale > 1 and negative_prompt_embeds is None:
+            raise ValueError("with prompt_embeds and guidance_scale > 1, pass negative_prompt_embeds too")
+        if sigmas is None and steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        if guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be >= 1 (1 turns guidance off), got {guidance_scale}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        multiple = self.pixel_multiple
+        if height < multiple or width < multiple or height % multiple or width % multiple:
+            raise ValueError(
+                f"height and width must be positive multiples of {multiple} (VAE factor x patch size), "
+                f"got {height}x{width}: round them, or keep resolution binning on"
+            )
+        return prompt, negative_prompt, batch
+
+
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad dim 1 on the left to `length` with zeros (False for masks): the tokenizer pads on the left too."""
+    pad = length - x.shape[1]
+    return x if pad == 0 else torch.cat([x.new_zeros((x.shape[0], pad, *x.shape[2:])), x], dim=1)

@@ -1,0 +1,188 @@
+"""The transformer against diffusers' PRXTransformer2DModel: tiny configs with every weight randomised, and the
+full published presets on the meta device."""
+
+import json
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+from diffusers import PRXTransformer2DModel
+
+from mirage.configs import PRX_DCAE, PRX_FLUX, TransformerConfig
+from mirage.loading import build_model, read_safetensors
+from mirage.transformer import MirageTransformer, rope_table
+from tests.parity import assert_parity, max_rel_err, randomize_
+
+FLUX_TINY = TransformerConfig(in_channels=16, patch_size=2, context_in_dim=48, hidden_size=64, num_heads=4, depth=2, axes_dim=(8, 8))
+DCAE_TINY = replace(FLUX_TINY, in_channels=32, patch_size=1)
+# Every optional field of the reference, an uneven RoPE split and non-default constants.
+EXTRAS_TINY = replace(FLUX_TINY, axes_dim=(6, 10), theta=500, mlp_ratio=2.75, bottleneck_size=24, resolution_embeds=True, time_max_period=5000)
+TINY = {"flux": FLUX_TINY, "dcae": DCAE_TINY, "extras": EXTRAS_TINY}
+
+
+def reference(config: TransformerConfig, **kwargs) -> PRXTransformer2DModel:
+    return PRXTransformer2DModel(**{**asdict(config), "axes_dim": list(config.axes_dim)}, **kwargs)
+
+
+def make_pair(config: TransformerConfig, seed: int = 0) -> tuple[MirageTransformer, PRXTransformer2DModel]:
+    """The reference with ALL weights random (it zero-initialises its modulation), and ours loaded from it strictly."""
+    ref = randomize_(reference(config), seed).eval()
+    ours = MirageTransformer(config).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+def inputs(config: TransformerConfig, batch: int = 3, height: int = 6, width: int = 4, seed: int = 1):
+    """Non-square latents (h != w), per-row sigmas, and 10 text tokens left-padded to different lengths per row
+    (7, 4 and 2 real tokens: the first 3 columns are padding in every row)."""
+    g = torch.Generator().manual_seed(seed)
+    p = config.patch_size
+    latents = torch.randn(batch, config.in_channels, height * p, width * p, generator=g)
+    sigma = torch.rand(batch, generator=g)
+    text = torch.randn(batch, 10, config.context_in_dim, generator=g)
+    lengths = torch.tensor([7, 4, 2, 10][:batch])
+    mask = torch.arange(10) >= 10 - lengths[:, None]  # [B, 10]
+    return latents, sigma, text, mask
+
+
+def ref_forward(ref, latents, sigma, text, mask):
+    return ref(latents, sigma, text, mask, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("name", TINY)
+@torch.no_grad()
+def test_parity_with_padding_of_different_lengths(name):
+    ours, ref = make_pair(TINY[name])
+    latents, sigma, text, mask = inputs(TINY[name])
+    context = ours.encode_text(text, mask)
+    assert context.keys[0].shape[2] == 7 and context.mask is not None  # trimmed to the longest row, masks kept
+    assert_parity(ours(latents, sigma, context), ref_forward(ref, latents, sigma, text, mask))
+
+
+@torch.no_grad()
+def test_cached_text_is_reused_across_steps():
+    ours, ref = make_pair(FLUX_TINY, seed=2)
+    latents, _, text, mask = inputs(FLUX_TINY)
+    context = ours.encode_text(text, mask)
+    for step, sigma in enumerate([1.0, 0.55, 0.0089]):
+        x = latents + step
+        s = torch.full((3,), sigma)
+        assert_parity(ours(x, s, context), ref_forward(ref, x, s, text, mask))
+
+
+@torch.no_grad()
+def test_unpadded_text_needs_no_mask():
+    ours, ref = make_pair(DCAE_TINY, seed=3)
+    latents, sigma, text, _ = inputs(DCAE_TINY, batch=2)
+    full = torch.ones(2, 10, dtype=torch.bool)
+    expected = ref_forward(ref, latents, sigma, text, None)
+    for mask in (full, None):
+        context = ours.encode_text(text, mask)
+        assert context.mask is None and context.keys[0].shape[2] == 10
+        assert_parity(ours(latents, sigma, context), expected)
+    assert_parity(ours(latents, sigma, ours.encode_text(text, full)), ref_forward(ref, latents, sigma, text, full))
+
+
+@torch.no_grad()
+def test_sdpa_mask_stays_broadcastable(monkeypatch):
+    ours, _ = make_pair(FLUX_TINY)
+    latents, sigma, text, mask = inputs(FLUX_TINY)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append(None if attn_mask is None else (tuple(attn_mask.shape), attn_mask.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ours(latents, sigma, ours.encode_text(text, mask))
+    assert seen == [((3, 1, 1, 7 + 24), torch.bool)] * FLUX_TINY.depth  # 7 text keys after trimming, 6 x 4 image keys
+    seen.clear()
+    ours(latents, sigma, ours.encode_text(text, torch.ones_like(mask)))
+    assert seen == [None] * FLUX_TINY.depth
+
+
+@torch.no_grad()
+def test_modulation_precomputed_for_a_schedule():
+    ours, ref = make_pair(EXTRAS_TINY, seed=4)
+    latents, _, text, mask = inputs(EXTRAS_TINY)
+    context = ours.encode_text(text, mask)
+    sigmas = torch.tensor([1.0, 0.8, 0.3, 0.02])
+    mods = ours.modulate(sigmas, *latents.shape[-2:])
+    assert mods.blocks.shape == (EXTRAS_TINY.depth, 6, 4, 1, EXTRAS_TINY.hidden_size)
+    for i, sigma in enumerate(sigmas):
+        precomputed = ours.forward_modulated(latents, mods.step(i), context)
+        per_step = ours(latents, sigma.expand(3), context)
+        assert max_rel_err(precomputed, per_step) <= 1e-6
+        assert_parity(precomputed, ref_forward(ref, latents, sigma.expand(3), text, mask))
+
+
+def test_rope_table_is_fp32_and_cached():
+    table = rope_table(3, 5, (8, 8), 10000, torch.device("cpu"))
+    assert table.dtype == torch.float32 and table.shape == (2, 15, 8)
+    assert rope_table(3, 5, (8, 8), 10000, torch.device("cpu")) is table
+
+
+@pytest.mark.parametrize("config", [PRX_FLUX, PRX_DCAE], ids=["flux", "dcae"])
+def test_full_preset_matches_reference_keys_shapes_and_size(config):
+    with torch.device("meta"):
+        ours, ref = MirageTransformer(config), reference(config)
+    ours_shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    ref_shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    assert list(ours_shapes) == list(ref_shapes)
+    assert ours_shapes == ref_shapes
+    n_params = sum(p.numel() for p in ours.parameters())
+    assert n_params == sum(p.numel() for p in ref.parameters())
+    assert 1.16e9 < n_params < 1.18e9  # "1.3B" on the model cards is rounded
+
+
+@torch.no_grad()
+def test_reference_checkpoint_folder_loads_strictly(tmp_path):
+    _, ref = make_pair(EXTRAS_TINY, seed=5)
+    ref.save_pretrained(tmp_path)
+    config = TransformerConfig.from_diffusers(json.loads((tmp_path / "config.json").read_text()))
+    assert config == EXTRAS_TINY
+    state_dict = read_safetensors(tmp_path / "diffusion_pytorch_model.safetensors")
+    ours = build_model(lambda: MirageTransformer(config), state_dict)
+    latents, sigma, text, mask = inputs(config)
+    assert_parity(ours(latents, sigma, ours.encode_text(text, mask)), ref_forward(ref, latents, sigma, text, mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_forward_is_finite_and_close(dtype):
+    ours, _ = make_pair(FLUX_TINY, seed=6)
+    latents, sigma, text, mask = inputs(FLUX_TINY)
+    expected = ours(latents, sigma, ours.encode_text(text, mask))
+    ours = ours.to(dtype)
+    out = ours(latents.to(dtype), sigma, ours.encode_text(text.to(dtype), mask))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert max_rel_err(out.float(), expected) < 0.05
+
+
+def test_config_from_diffusers_round_trip_and_errors():
+    ref_config = dict(reference(FLUX_TINY).config)
+    assert TransformerConfig.from_diffusers(ref_config) == FLUX_TINY
+    assert TransformerConfig.from_diffusers({"axes_dim": None}) == PRX_FLUX
+    assert TransformerConfig(**asdict(PRX_DCAE)) == PRX_DCAE
+    assert (PRX_DCAE.in_channels, PRX_DCAE.patch_size, PRX_FLUX.in_channels, PRX_FLUX.patch_size) == (32, 1, 16, 2)
+    with pytest.raises(ValueError, match="unsupported"):
+        TransformerConfig.from_diffusers({**ref_config, "qk_scale": 0.1})
+    for bad in ({"num_heads": 5}, {"axes_dim": (32, 30)}, {"axes_dim": (31, 33)}, {"axes_dim": (64,)}, {"depth": 0}):
+        with pytest.raises(ValueError):
+            replace(PRX_FLUX, **bad)
+
+
+@torch.no_grad()
+def test_bad_inputs_raise():
+    ours, _ = make_pair(FLUX_TINY)
+    latents, sigma, text, mask = inputs(FLUX_TINY)
+    context = ours.encode_text(text, mask)
+    with pytest.raises(ValueError, match="latents"):
+        ours(latents[:, :, :-1], sigma, context)  # height not a multiple of the patch
+    with pytest.raises(ValueError, match="rows"):
+        ours(latents[:2], sigma[:2], context)
+    with pytest.raises(ValueError, match="text_mask"):
+        ours.encode_text(text, mask[:, :5])
+    with pytest.raises(ValueError, match="text_embeds"):
+        ours.encode_text(text[..., :10], mask)
