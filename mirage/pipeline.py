@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import lora
 from .autoencoder import decode_latents
 from .configs import MirageConfig
 from .loading import CheckpointError, build_model, read_config, read_safetensors
@@ -193,7 +194,7 @@ class MiragePipeline:
         width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         num_images_per_prompt: int = 1,
         use_resolution_binning: bool = True,
         output_type: str = "pil",
@@ -213,11 +214,15 @@ class MiragePipeline:
         Returns a list of PIL images ("pil"), an array [N, H, W, 3] in [0, 1] ("np"), a tensor [N, 3, H, W] in
         [0, 1] ("pt") or the final latents [N, C, h, w] at the binned size ("latent"). Unset sampling
         settings come from the checkpoint's config. `seed` draws the initial noise on the CPU in one draw
-        for the whole batch, so a seed gives the same picture on every device; `generator` or `latents`
-        may be given instead. `callback(step, sigma, latents, velocity)` runs after every step.
+        for the whole batch, so a seed gives the same picture on every device; a list of N seeds draws each
+        image's noise alone, exactly as a one-image call with that seed would, so a batch equals its images
+        made one at a time; `generator` or `latents` may be given instead. `callback(step, sigma, latents,
+        velocity)` runs at every step before its update: `latents` are x at `sigma` and `velocity` the guided
+        v, so the model's predicted clean latents are x0 = latents - sigma * velocity.
         """
         sampling = self.config.sampling
         steps = sampling.num_inference_steps if num_inference_steps is None else num_inference_steps
+        steps = len(sigmas) if sigmas is not None else steps
         guidance_scale = sampling.guidance_scale if guidance_scale is None else guidance_scale
         height = height or sampling.default_sample_size
         width = width or sampling.default_sample_size
@@ -254,13 +259,21 @@ class MiragePipeline:
         return to_pil(images)
 
     def initial_latents(self, n, height, width, seed=None, generator=None, latents=None) -> torch.Tensor:
-        """Gaussian noise [N, C, h, w], drawn on the CPU in one draw for the batch, then moved to the device."""
+        """Gaussian noise [N, C, h, w], drawn on the CPU (in one draw for the batch, or one per seed in a list),
+        then moved to the device."""
         factor = self.vae.spatial_compression
         shape = (n, self.vae.latent_channels, height // factor, width // factor)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
             return latents.to(self.device, self.dtype)
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != n:
+                raise ValueError(f"got {len(seed)} seeds for {n} images: pass one seed, or one per image")
+            one = (1, *shape[1:])
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seed]
+            noise = [torch.randn(one, generator=g, device="cpu", dtype=self.dtype) for g in generators]
+            return torch.cat(noise).to(self.device)  # [N, C, h, w]
         if generator is None:
             generator = torch.Generator("cpu")
             if seed is None:
@@ -286,7 +299,7 @@ class MiragePipeline:
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {batch} prompts: pass one, or one each")
         if prompt_embeds is not None and guidance_scale > 1 and negative_prompt_embeds is None:
             raise ValueError("with prompt_embeds and guidance_scale > 1, pass negative_prompt_embeds too")
-        if sigmas is None and steps < 1:
+        if steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
         if guidance_scale < 1:
             raise ValueError(f"guidance_scale must be >= 1 (1 turns guidance off), got {guidance_scale}")
@@ -301,6 +314,24 @@ class MiragePipeline:
                 f"got {height}x{width}: round them, or keep resolution binning on"
             )
         return prompt, negative_prompt, batch
+
+    # ---- LoRA (mirage/lora.py) ----
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA file to the transformer, unfused; -> its name (default: the file's stem). A bad file raises a
+        LoRAError naming the key and changes nothing."""
+        return lora.load_lora(self.transformer, path, scale, name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        lora.set_lora_scale(self.transformer, name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (default: all); the weights it touched return to their original bits."""
+        lora.unload_lora(self.transformer, name)
+
+    def fuse_lora(self, name: str | None = None) -> None:
+        """Merge one loaded LoRA (default: all) into the transformer's weights: no cost per step."""
+        lora.fuse_lora(self.transformer, name)
 
 
 def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:

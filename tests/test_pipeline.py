@@ -1,0 +1,208 @@
+"""End-to-end parity: a converted tiny checkpoint through MiragePipeline makes the same images as
+diffusers' PRXPipeline on the original folder, for the same seed, and is right where diffusers is wrong."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import PRXPipeline
+from PIL import Image
+
+from mirage.pipeline import MiragePipeline, nearest_bin, resize_and_crop
+from parity import max_rel_err
+
+IMAGE_TOL = 2e-3  # max |ours - ref| on images in [0, 1]
+LATENT_TOL = 1e-3  # relative, on latents
+PROMPTS = ["a red fox in the snow, photo", "a watercolor painting of a lighthouse at night with stars and a moon"]
+
+
+@pytest.fixture(scope="session")
+def ref_flux(prx_flux):
+    pipe = PRXPipeline.from_pretrained(prx_flux)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def ref_dcae(prx_dcae):
+    pipe = PRXPipeline.from_pretrained(prx_dcae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def ours_flux(mirage_flux):
+    return MiragePipeline.from_pretrained(mirage_flux, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ours_dcae(mirage_dcae):
+    return MiragePipeline.from_pretrained(mirage_dcae, device="cpu")
+
+
+def reference(pipe, prompt, seed=0, **kwargs):
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return pipe(prompt, generator=generator, num_inference_steps=2, **kwargs).images
+
+
+def ours(pipe, prompt, seed=0, **kwargs):
+    return pipe(prompt, seed=seed, num_inference_steps=2, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("vae", ["flux", "dcae"])
+@pytest.mark.parametrize("guidance", [4.0, 1.0])
+def test_images_and_latents_match_reference(request, vae, guidance):
+    ref_pipe, our_pipe = request.getfixturevalue(f"ref_{vae}"), request.getfixturevalue(f"ours_{vae}")
+    expected = reference(ref_pipe, PROMPTS[0], guidance_scale=guidance, output_type="pt")
+    images = ours(our_pipe, PROMPTS[0], guidance_scale=guidance, output_type="pt")
+    assert images.shape == expected.shape == (1, 3, 256, 256)
+    assert (images - expected).abs().max().item() <= IMAGE_TOL
+    expected = reference(ref_pipe, PROMPTS[0], guidance_scale=guidance, output_type="latent")
+    latents = ours(our_pipe, PROMPTS[0], guidance_scale=guidance, output_type="latent")
+    assert max_rel_err(latents, expected) <= LATENT_TOL
+
+
+def test_non_square_request_with_binning(ref_flux, ours_flux):
+    """200x300 is generated at the nearest 256 bin (192x320) and resized and cropped back."""
+    assert nearest_bin(200, 300, 256) == (192, 320)
+    expected = reference(ref_flux, PROMPTS[1], height=200, width=300, output_type="pt")
+    images = ours(ours_flux, PROMPTS[1], height=200, width=300, output_type="pt")
+    assert images.shape == expected.shape == (1, 3, 200, 300)
+    assert (images - expected).abs().max().item() <= IMAGE_TOL
+    latents = ours(ours_flux, PROMPTS[1], height=200, width=300, output_type="latent")
+    assert latents.shape == (1, 16, 192 // 8, 320 // 8)  # latents stay at the binned size
+
+
+def realign_masks(pipe, num_images_per_prompt):
+    """Patch diffusers' encode_prompt so masks follow the embeddings ([m0, m0, m1, m1], not [m0, m1, m0, m1])."""
+    original = pipe.encode_prompt
+
+    def encode_prompt(*args, **kwargs):
+        outputs = list(original(*args, **kwargs))
+        for i in (1, 3):  # the two masks, tiled by the reference
+            if outputs[i] is not None:
+                tiled = outputs[i].view(num_images_per_prompt, -1, outputs[i].shape[-1])  # [K, B, L]
+                outputs[i] = tiled.transpose(0, 1).reshape(-1, outputs[i].shape[-1])  # [B * K, L]
+        return tuple(outputs)
+
+    pipe.encode_prompt = encode_prompt
+    return original
+
+
+def broadcast_timestep(module, args, kwargs):
+    """diffusers builds the CFG timestep with .repeat(2), which only fits a batch of one image."""
+    kwargs["timestep"] = kwargs["timestep"][:1].expand(kwargs["hidden_states"].shape[0])
+    return args, kwargs
+
+
+def test_several_prompts_and_images_match_patched_reference(ref_flux, ours_flux):
+    """Two prompts of different lengths, a negative prompt, two images each, with CFG: equal to diffusers
+    once its two batch bugs are patched; unpatched diffusers crashes (CFG) or mixes up masks (no CFG)."""
+    kwargs = dict(negative_prompt="blurry, low quality", num_images_per_prompt=2, output_type="pt")
+    with pytest.raises(RuntimeError):
+        reference(ref_flux, PROMPTS, guidance_scale=4.0, **kwargs)
+    unpatched = reference(ref_flux, PROMPTS, guidance_scale=1.0, **kwargs)
+
+    original = realign_masks(ref_flux, 2)
+    hook = ref_flux.transformer.register_forward_pre_hook(broadcast_timestep, with_kwargs=True)
+    try:
+        expected_cfg = reference(ref_flux, PROMPTS, guidance_scale=4.0, **kwargs)
+        expected = reference(ref_flux, PROMPTS, guidance_scale=1.0, **kwargs)
+    finally:
+        hook.remove()
+        ref_flux.encode_prompt = original
+
+    images_cfg = ours(ours_flux, PROMPTS, guidance_scale=4.0, **kwargs)
+    images = ours(ours_flux, PROMPTS, guidance_scale=1.0, **kwargs)
+    assert images_cfg.shape == (4, 3, 256, 256)
+    assert (images_cfg - expected_cfg).abs().max().item() <= IMAGE_TOL
+    assert (images - expected).abs().max().item() <= IMAGE_TOL
+    assert (images - unpatched).abs().max().item() > 10 * IMAGE_TOL  # the reference's mask mix-up shows
+
+
+def test_encode_prompts_matches_reference_encode_prompt(ref_flux, ours_flux):
+    """Ours encodes up to the longest prompt; at real tokens it equals diffusers' 256-token encoding."""
+    prompts = ["Buy “SALE” now!", PROMPTS[1], "<b>a photo</b> of https://example.com a cat"]
+    ref_embeds, ref_mask, ref_neg, ref_neg_mask = ref_flux.encode_prompt(
+        prompts, torch.device("cpu"), do_classifier_free_guidance=True, negative_prompt="ugly"
+    )
+    embeds, mask = ours_flux.encode_prompts(["ugly"] * 3 + prompts)
+    length = mask.shape[1]
+    assert length < 256 and mask.sum().item() == ref_mask.sum().item() + ref_neg_mask.sum().item()
+    expected_mask = torch.cat([ref_neg_mask, ref_mask])[:, -length:]  # left padding: real tokens at the end
+    assert torch.equal(mask, expected_mask)
+    expected = torch.cat([ref_neg, ref_embeds])[:, -length:]
+    assert max_rel_err(embeds[mask], expected[expected_mask]) <= 2e-5
+
+
+def test_output_types(ours_flux):
+    pil = ours(ours_flux, PROMPTS[0], guidance_scale=1.0)
+    array = ours(ours_flux, PROMPTS[0], guidance_scale=1.0, output_type="np")
+    tensor = ours(ours_flux, PROMPTS[0], guidance_scale=1.0, output_type="pt")
+    assert isinstance(pil, list) and isinstance(pil[0], Image.Image) and pil[0].size == (256, 256)
+    assert isinstance(array, np.ndarray) and array.shape == (1, 256, 256, 3)
+    assert np.array_equal(np.asarray(pil[0]), (array[0] * 255).round().astype(np.uint8))
+    assert torch.equal(torch.from_numpy(array).permute(0, 3, 1, 2), tensor)
+    assert 0 <= tensor.min() and tensor.max() <= 1
+
+
+def test_seed_latents_and_generator_agree(ours_flux):
+    by_seed = ours(ours_flux, PROMPTS[0], seed=5, guidance_scale=1.0, output_type="latent")
+    noise = torch.randn((1, 16, 32, 32), generator=torch.Generator("cpu").manual_seed(5))
+    by_latents = ours(ours_flux, PROMPTS[0], latents=noise, guidance_scale=1.0, output_type="latent")
+    by_generator = ours_flux(
+        PROMPTS[0], generator=torch.Generator("cpu").manual_seed(5), num_inference_steps=2, guidance_scale=1.0,
+        output_type="latent", progress=False,
+    )  # fmt: skip
+    assert torch.equal(by_seed, by_latents) and torch.equal(by_seed, by_generator)
+    other = ours(ours_flux, PROMPTS[0], seed=6, guidance_scale=1.0, output_type="latent")
+    assert not torch.equal(by_seed, other)
+
+
+def test_defaults_come_from_the_checkpoint(ours_flux):
+    steps = []
+    ours_flux(PROMPTS[0], seed=0, output_type="latent", progress=False, callback=lambda i, *rest: steps.append(i))
+    assert len(steps) == ours_flux.config.sampling.num_inference_steps == 28
+
+
+def test_precomputed_embeddings_equal_the_prompt_path(ours_flux):
+    embeds, mask = ours_flux.encode_prompts(["", PROMPTS[0]])
+    by_embeds = ours_flux(
+        prompt_embeds=embeds[1:], prompt_mask=mask[1:], negative_prompt_embeds=embeds[:1], negative_prompt_mask=mask[:1],
+        num_inference_steps=2, seed=0, output_type="latent", progress=False,
+    )  # fmt: skip
+    by_prompt = ours(ours_flux, PROMPTS[0], output_type="latent")
+    assert torch.equal(by_embeds, by_prompt)
+
+
+def test_custom_sigmas_set_the_schedule(ours_flux):
+    seen = []
+    ours_flux(PROMPTS[0], sigmas=[1.0, 0.6, 0.2], seed=0, output_type="latent", progress=False,
+              callback=lambda i, sigma, *rest: seen.append(float(sigma)))  # fmt: skip
+    assert len(seen) == 3 and seen[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(guidance_scale=0.5), "guidance_scale"),
+        (dict(prompt=[]), "empty"),
+        (dict(height=248, width=256, use_resolution_binning=False), "multiples of 16"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(negative_prompt=["a", "b"]), "negative prompts"),
+    ],
+)
+def test_bad_requests_fail_early_with_a_clear_message(ours_flux, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ours_flux(**{"prompt": "a cat", **kwargs}, progress=False)
+    with pytest.raises(ValueError, match="use_resolution_binning=False"):
+        nearest_bin(100, 100, 384)
+
+
+def test_resize_and_crop_matches_reference_image_processor():
+    from diffusers.image_processor import PixArtImageProcessor
+
+    images = torch.rand(2, 3, 192, 320, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for height, width in [(200, 300), (192, 320), (333, 517), (100, 400)]:
+        expected = PixArtImageProcessor.resize_and_crop_tensor(images, width, height)
+        assert torch.equal(resize_and_crop(images, height, width), expected)
