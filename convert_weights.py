@@ -10,7 +10,8 @@ supply single components (the older Mirage layout held only the transformer and 
 `config.json`, `transformer.safetensors`, `text_encoder.safetensors`, `vae.safetensors`, `tokenizer.model`.
 
 Module names in mirage equal the diffusers (transformer, VAEs) and transformers (T5Gemma) checkpoint
-keys, so those load as they are; the two other formats each get one rename table below.
+keys, so those load as they are; the two other formats each get one rename table (the original
+training codebase's in mirage/loading.py, where LoRA loading reads it too).
 """
 
 import argparse
@@ -34,7 +35,7 @@ from mirage.configs import (
     TokenizerConfig,
     TransformerConfig,
 )
-from mirage.loading import CheckpointError, check_state_dict, read_safetensors
+from mirage.loading import CheckpointError, check_state_dict, read_safetensors, rename_original_key
 from mirage.text_encoder import T5GemmaEncoder
 from mirage.tokenizer import sentencepiece_model_from_tokenizer_json
 from mirage.transformer import MirageTransformer
@@ -43,20 +44,6 @@ from mirage.vae_flux import FluxVAE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VAE_CLASS_NAMES = {"AutoencoderKL": "flux", "AutoencoderDC": "dc-ae"}
-
-# Photoroom's training codebase (Photoroom/PRX models/prx.py) -> diffusers, inside `blocks.{i}.`;
-# its RMSNorm calls its weight `scale` in some versions and `weight` in others.
-ORIGINAL_BLOCK_RENAMES = {
-    "img_qkv_proj.weight": "attention.img_qkv_proj.weight",
-    "txt_kv_proj.weight": "attention.txt_kv_proj.weight",
-    "qk_norm.query_norm.scale": "attention.norm_q.weight",
-    "qk_norm.query_norm.weight": "attention.norm_q.weight",
-    "qk_norm.key_norm.scale": "attention.norm_k.weight",
-    "qk_norm.key_norm.weight": "attention.norm_k.weight",
-    "k_norm.scale": "attention.norm_added_k.weight",
-    "k_norm.weight": "attention.norm_added_k.weight",
-    "attn_out.weight": "attention.to_out.0.weight",
-}
 
 # Black Forest Labs' `ae.safetensors` (the original LDM naming) -> diffusers AutoencoderKL, per name part.
 BFL_VAE_RENAMES = {
@@ -144,13 +131,6 @@ def read_transformer(path: Path, latent_channels: int) -> tuple[TransformerConfi
     if not any(k.startswith("blocks.0.attention.") for k in weights):
         weights = {rename_original_key(k): v for k, v in weights.items()}
     return infer_transformer_config(weights, latent_channels), weights
-
-
-def rename_original_key(key: str) -> str:
-    match = re.fullmatch(r"(blocks\.\d+\.)(.+)", key)
-    if match and match[2] in ORIGINAL_BLOCK_RENAMES:
-        return match[1] + ORIGINAL_BLOCK_RENAMES[match[2]]
-    return key
 
 
 def infer_transformer_config(weights: dict, latent_channels: int) -> TransformerConfig:
@@ -264,9 +244,9 @@ def read_scheduler(path: Path) -> dict:
 def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes]:
     """Read every component from SRC and the part flags: -> config, {component: weights}, tokenizer model."""
     src = resolve_source(args.src) if args.src else None
-    index = read_json(src / "model_index.json") if src else {}
     if src and not (src / "model_index.json").is_file():
         raise CheckpointError(f"{src} has no model_index.json: pass a diffusers-layout folder, or the part flags")
+    index = read_json(src / "model_index.json") if src else {}
 
     def part(flag_value, subfolder):
         if flag_value:
@@ -368,7 +348,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sample-size", type=int, choices=(256, 512, 1024), help="training resolution, if SRC lacks it")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="stored dtype (default: keep the source's)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # SRC is optional: let flags sit between SRC and OUT
 
 
 def main(argv=None) -> None:

@@ -35,7 +35,7 @@ class TransformerConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         # RoPE rotates channel pairs over the 2-D patch grid: one even share of the head dim per axis.
         if len(self.axes_dim) != 2 or any(d < 2 or d % 2 for d in self.axes_dim) or sum(self.axes_dim) != self.head_dim:
-            raise ValueError(f"axes_dim {self.axes_dim} must be two positive even sizes summing to the head dim {self.head_dim}")
+            raise ValueError(f"axes_dim {self.axes_dim} must be two even sizes summing to the head dim {self.head_dim}")
 
     @property
     def head_dim(self) -> int:

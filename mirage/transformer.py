@@ -8,8 +8,9 @@ patch grid; text keys get no position. A block is adaLN-modulated attention plus
 How it deviates, without changing what it computes:
 - `encode_text` computes the text side (projection, every block's keys with their norm, and values) once per
   generation, and drops the key columns that are padding in every row; `forward` reuses the result at every step.
-- The adaLN vectors depend only on sigma, so `modulate` computes them apart from the blocks: a sampler can
-  compute them for a whole schedule before its loop and call `forward_modulated`.
+- The adaLN vectors depend only on sigma (and the latent size, with resolution embeddings), so `modulate`
+  computes them apart from the blocks: a sampler can compute them for a whole schedule before its loop and
+  call `forward_modulated`.
 - RoPE tables are built in fp32 (the reference uses float64, which crashed it on Apple MPS) and cached per
   grid size and device.
 
@@ -222,7 +223,9 @@ class Block(nn.Module):
         self.down_proj = nn.Linear(d_mlp, d, bias=False)
         self.modulation = BlockModulation(d)
 
-    def forward(self, x: Tensor, mod: Tensor, txt_k: Tensor, txt_v: Tensor, rope: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, mod: Tensor, txt_k: Tensor, txt_v: Tensor, rope: Tensor, mask: Tensor | None
+    ) -> Tensor:
         """x [B, L_img, D] with this block's modulation mod [6, B or 1, 1, D] -> [B, L_img, D]."""
         attn_shift, attn_scale, attn_gate, mlp_shift, mlp_scale, mlp_gate = mod
         h = (1 + attn_scale) * layer_norm(x) + attn_shift
@@ -261,7 +264,8 @@ class MirageTransformer(nn.Module):
         if config.bottleneck_size is None:
             self.img_in = nn.Linear(config.patch_dim, d)
         else:  # two linears with nothing between: a low-rank patch projection for large patches
-            self.img_in = nn.Sequential(nn.Linear(config.patch_dim, config.bottleneck_size), nn.Linear(config.bottleneck_size, d))
+            bottleneck = config.bottleneck_size
+            self.img_in = nn.Sequential(nn.Linear(config.patch_dim, bottleneck), nn.Linear(bottleneck, d))
         self.time_in = MLPEmbedder(TIME_EMBED_DIM, d)
         self.txt_in = nn.Linear(config.context_in_dim, d)
         self.resolution_embedder = ResolutionEmbedder(d, config.time_max_period) if config.resolution_embeds else None
@@ -275,11 +279,12 @@ class MirageTransformer(nn.Module):
     def encode_text(self, text_embeds: Tensor, text_mask: Tensor | None = None) -> TextContext:
         """The text side of a generation, from text_embeds [B, L, context_in_dim] and text_mask [B, L] (True at
         real tokens; None when nothing is padded). Rows may have different lengths: each keeps its own mask."""
-        if text_embeds.ndim != 3 or text_embeds.shape[-1] != self.config.context_in_dim:
-            raise ValueError(f"text_embeds must be [B, L, {self.config.context_in_dim}], got {tuple(text_embeds.shape)}")
+        shape = tuple(text_embeds.shape)
+        if len(shape) != 3 or shape[-1] != self.config.context_in_dim:
+            raise ValueError(f"text_embeds must be [B, L, {self.config.context_in_dim}], not {shape}")
         if text_mask is not None:
-            if text_mask.shape != text_embeds.shape[:2]:
-                raise ValueError(f"text_mask {tuple(text_mask.shape)} does not match text_embeds {tuple(text_embeds.shape)}")
+            if text_mask.shape != shape[:2]:
+                raise ValueError(f"text_mask {tuple(text_mask.shape)} does not fit text_embeds {shape}")
             text_mask = text_mask.to(device=text_embeds.device, dtype=torch.bool)
             # A key that is padding in every row has zero weight in every softmax: drop it before any work.
             keep = text_mask.any(dim=0)  # [L]
@@ -312,7 +317,8 @@ class MirageTransformer(nn.Module):
         b, c, height, width = latents.shape
         p = self.config.patch_size
         if c != self.config.in_channels or height % p or width % p:
-            raise ValueError(f"latents must be [B, {self.config.in_channels}, H, W] with H, W multiples of {p}, got {tuple(latents.shape)}")
+            expected = f"[B, {self.config.in_channels}, H, W] with H and W multiples of {p}"
+            raise ValueError(f"latents must be {expected}, not {tuple(latents.shape)}")
         if text.batch_size != b:
             raise ValueError(f"the text context has {text.batch_size} rows but the latents {b}")
         h, w = height // p, width // p

@@ -7,17 +7,22 @@ from tiny_checkpoint import save_tiny_prx
 
 
 @pytest.fixture(scope="session")
-def prx_flux(tmp_path_factory):
+def prx_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("prx")
+
+
+@pytest.fixture(scope="session")
+def prx_flux(prx_root):
     """A tiny random PRX checkpoint with a Flux-style VAE, as diffusers saves it."""
-    folder = tmp_path_factory.mktemp("prx") / "prx-flux"
+    folder = prx_root / "prx-flux"
     save_tiny_prx(folder, "flux")
     return folder
 
 
 @pytest.fixture(scope="session")
-def prx_dcae(tmp_path_factory):
-    """A tiny random PRX checkpoint with a DC-AE, as diffusers saves it."""
-    folder = tmp_path_factory.mktemp("prx") / "prx-dcae"
+def prx_dcae(prx_root):
+    """A tiny random PRX checkpoint with a DC-AE, as diffusers saves it (beside prx_flux)."""
+    folder = prx_root / "prx-dcae"
     save_tiny_prx(folder, "dc-ae")
     return folder
 

@@ -80,7 +80,8 @@ def ours_loop(ours, latents, embeds, masks, num_steps, guidance_scale, **kwargs)
 @torch.no_grad()
 def test_loop_equals_the_reference_pipeline(config, guidance_scale):
     ours, ref = make_pair(config, seed=7)
-    latents = torch.randn(1, config.in_channels, 6 * config.patch_size, 4 * config.patch_size, generator=torch.Generator().manual_seed(8))
+    p = config.patch_size
+    latents = torch.randn(1, config.in_channels, 6 * p, 4 * p, generator=torch.Generator().manual_seed(8))
     embeds, masks = text_inputs(config, batch=1, seed=9)
     rows = []
     ours.forward_modulated = record_rows(ours.forward_modulated, rows)

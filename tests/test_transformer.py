@@ -13,15 +13,18 @@ from mirage.loading import build_model, read_safetensors
 from mirage.transformer import MirageTransformer, rope_table
 from tests.parity import assert_parity, max_rel_err, randomize_
 
-FLUX_TINY = TransformerConfig(in_channels=16, patch_size=2, context_in_dim=48, hidden_size=64, num_heads=4, depth=2, axes_dim=(8, 8))
+FLUX_TINY = replace(PRX_FLUX, context_in_dim=48, hidden_size=64, num_heads=4, depth=2, axes_dim=(8, 8))
 DCAE_TINY = replace(FLUX_TINY, in_channels=32, patch_size=1)
 # Every optional field of the reference, an uneven RoPE split and non-default constants.
-EXTRAS_TINY = replace(FLUX_TINY, axes_dim=(6, 10), theta=500, mlp_ratio=2.75, bottleneck_size=24, resolution_embeds=True, time_max_period=5000)
+EXTRAS_TINY = replace(
+    FLUX_TINY, axes_dim=(6, 10), theta=500, mlp_ratio=2.75, time_max_period=5000, bottleneck_size=24,
+    resolution_embeds=True,
+)
 TINY = {"flux": FLUX_TINY, "dcae": DCAE_TINY, "extras": EXTRAS_TINY}
 
 
-def reference(config: TransformerConfig, **kwargs) -> PRXTransformer2DModel:
-    return PRXTransformer2DModel(**{**asdict(config), "axes_dim": list(config.axes_dim)}, **kwargs)
+def reference(config: TransformerConfig) -> PRXTransformer2DModel:
+    return PRXTransformer2DModel(**{**asdict(config), "axes_dim": list(config.axes_dim)})
 
 
 def make_pair(config: TransformerConfig, seed: int = 0) -> tuple[MirageTransformer, PRXTransformer2DModel]:

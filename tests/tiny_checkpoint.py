@@ -8,6 +8,7 @@ so the converter and the pipeline are tested on exactly what diffusers writes an
 import io
 import json
 import random
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -141,4 +142,7 @@ def save_tiny_prx(folder: Path, vae_type: str = "flux", dtype: torch.dtype = tor
     index = json.loads((folder / "model_index.json").read_text())
     index["text_encoder"] = ["prx", "T5GemmaEncoder"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    # Published PRX tokenizer folders were saved by transformers 4: tokenizer.model, no tokenizer.json.
+    shutil.rmtree(folder / "tokenizer")
+    tokenizer_folder(folder / "tokenizer")
     return pipe

@@ -1,0 +1,251 @@
+"""convert_weights.py on every source format it reads, and on bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GemmaTokenizerFast
+from transformers.models.t5gemma.configuration_t5gemma import T5GemmaConfig
+from transformers.models.t5gemma.modeling_t5gemma import T5GemmaForConditionalGeneration
+
+import convert_weights
+from mirage.configs import FluxVAEConfig, MirageConfig, TransformerConfig
+from mirage.loading import CheckpointError
+from mirage.tokenizer import GemmaTokenizer
+from mirage.vae_flux import FluxVAE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def convert(*args):
+    convert_weights.main([str(a) for a in args])
+
+
+def converted(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(folder / f"{name}.safetensors")
+
+
+def config_of(folder: Path) -> MirageConfig:
+    return MirageConfig.from_dict(json.loads((folder / "config.json").read_text()))
+
+
+def assert_same_tensors(ours: dict, source: dict):
+    assert sorted(ours) == sorted(source)
+    for key, value in source.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+
+
+@pytest.mark.parametrize("vae", ["flux", "dcae"])
+def test_diffusers_layout_converts_every_tensor_unchanged(request, vae):
+    src, out = request.getfixturevalue(f"prx_{vae}"), request.getfixturevalue(f"mirage_{vae}")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "text_encoder.safetensors", "tokenizer.model", "transformer.safetensors", "vae.safetensors"
+    ]  # fmt: skip
+    assert_same_tensors(converted(out, "transformer"), load_file(src / "transformer/diffusion_pytorch_model.safetensors"))
+    assert_same_tensors(converted(out, "text_encoder"), load_file(src / "text_encoder/model.safetensors"))
+    assert_same_tensors(converted(out, "vae"), load_file(src / "vae/diffusion_pytorch_model.safetensors"))
+    assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer/tokenizer.model").read_bytes()
+    config = config_of(out)
+    transformer = json.loads((src / "transformer/config.json").read_text())
+    assert config.vae_type == {"flux": "flux", "dcae": "dc-ae"}[vae]
+    assert config.transformer == TransformerConfig.from_diffusers(transformer)
+    assert (config.sampling.shift, config.sampling.default_sample_size) == (3.0, 256)
+    assert (config.sampling.num_inference_steps, config.sampling.guidance_scale) == (28, 4.0)
+
+
+# Photoroom's training codebase names, per REFERENCE.md (the RMSNorm weight is called `scale` there).
+ORIGINAL_NAMES = {
+    "attention.img_qkv_proj.weight": "img_qkv_proj.weight",
+    "attention.txt_kv_proj.weight": "txt_kv_proj.weight",
+    "attention.norm_q.weight": "qk_norm.query_norm.scale",
+    "attention.norm_k.weight": "qk_norm.key_norm.scale",
+    "attention.norm_added_k.weight": "k_norm.scale",
+    "attention.to_out.0.weight": "attn_out.weight",
+}
+
+
+def to_original_name(key: str) -> str:
+    head, _, rest = key.partition(".")
+    if head != "blocks":
+        return key
+    index, _, name = rest.partition(".")
+    return f"blocks.{index}.{ORIGINAL_NAMES.get(name, name)}"
+
+
+@pytest.mark.parametrize("suffix, wrapper", [(".pth", "model"), (".pt", "state_dict"), (".safetensors", None)])
+def test_original_codebase_transformer(prx_flux, mirage_flux, tmp_path, suffix, wrapper):
+    """A training-codebase state dict (original key names, no config) converts to the same weights and config."""
+    source = load_file(prx_flux / "transformer/diffusion_pytorch_model.safetensors")
+    original = {to_original_name(k): v for k, v in source.items()}
+    assert "blocks.0.qk_norm.query_norm.scale" in original
+    path = tmp_path / f"prx{suffix}"
+    if suffix == ".safetensors":
+        save_file(original, path)
+    else:
+        torch.save({wrapper: original, "step": 1000} if wrapper else original, path)
+    convert(prx_flux, tmp_path / "out", "--transformer", path)
+    assert_same_tensors(converted(tmp_path / "out", "transformer"), source)
+    assert config_of(tmp_path / "out").transformer == config_of(mirage_flux).transformer
+
+
+def test_full_sharded_t5gemma_keeps_only_the_encoder(prx_flux, tmp_path):
+    encoder = load_file(prx_flux / "text_encoder/model.safetensors")
+    composite = T5GemmaConfig.from_pretrained(prx_flux / "text_encoder")
+    full = T5GemmaForConditionalGeneration(composite)
+    full.model.encoder.load_state_dict(encoder)
+    full.save_pretrained(tmp_path / "t5gemma", max_shard_size="50KB")
+    assert (tmp_path / "t5gemma/model.safetensors.index.json").is_file()
+    convert(prx_flux, tmp_path / "out", "--text-encoder", tmp_path / "t5gemma")
+    assert_same_tensors(converted(tmp_path / "out", "text_encoder"), encoder)
+
+
+def to_bfl_name(key: str) -> str:
+    """diffusers AutoencoderKL -> Black Forest Labs' ae.safetensors names, spelled out independently."""
+    replacements = [
+        ("mid_block.attentions.0.group_norm", "mid.attn_1.norm"), ("mid_block.attentions.0.to_q", "mid.attn_1.q"),
+        ("mid_block.attentions.0.to_k", "mid.attn_1.k"), ("mid_block.attentions.0.to_v", "mid.attn_1.v"),
+        ("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out"), ("mid_block.resnets.0", "mid.block_1"),
+        ("mid_block.resnets.1", "mid.block_2"), ("conv_norm_out", "norm_out"), ("conv_shortcut", "nin_shortcut"),
+        ("downsamplers.0", "downsample"), ("upsamplers.0", "upsample"), ("resnets", "block"),
+    ]  # fmt: skip
+    for new, old in replacements:
+        key = key.replace(new, old)
+    parts = key.split(".")
+    if parts[1] == "down_blocks":
+        parts[1] = "down"
+    if parts[1] == "up_blocks":  # BFL counts decoder levels from the lowest resolution up
+        parts[1:3] = ["up", str(3 - int(parts[2]))]
+    return ".".join(parts)
+
+
+def test_bfl_single_file_flux_vae_in_bf16(prx_flux, tmp_path):
+    """ae.safetensors: LDM names, 1x1-conv attention weights, bf16 as published; the dtype is kept."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in FluxVAE(FluxVAEConfig()).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(s, generator=generator).to(torch.bfloat16) for k, s in shapes.items()}
+    bfl = {to_bfl_name(k): v[..., None, None] if ".attn_1." in to_bfl_name(k) and v.ndim == 2 else v for k, v in weights.items()}
+    assert "decoder.up.0.block.2.conv1.weight" in bfl and bfl["encoder.mid.attn_1.q.weight"].ndim == 4
+    save_file(bfl, tmp_path / "ae.safetensors")
+    convert(prx_flux, tmp_path / "out", "--vae", tmp_path / "ae.safetensors")
+    assert_same_tensors(converted(tmp_path / "out", "vae"), weights)
+    assert config_of(tmp_path / "out").vae == FluxVAEConfig()
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "bf16"), (torch.float16, "fp16")])
+def test_dtype_flag_casts_floating_tensors(prx_flux, tmp_path, dtype, name):
+    convert(prx_flux, tmp_path / "out", "--dtype", name)
+    source = load_file(prx_flux / "transformer/diffusion_pytorch_model.safetensors")
+    ours = converted(tmp_path / "out", "transformer")
+    assert all(ours[k].dtype == dtype and torch.equal(ours[k], v.to(dtype)) for k, v in source.items())
+
+
+def test_transformers5_tokenizer_json_is_rebuilt_as_sentencepiece(prx_flux, tmp_path):
+    reference = GemmaTokenizerFast.from_pretrained(prx_flux / "tokenizer")
+    reference.save_pretrained(tmp_path / "tokenizer")
+    assert not (tmp_path / "tokenizer/tokenizer.model").exists()
+    convert(prx_flux, tmp_path / "out", "--tokenizer", tmp_path / "tokenizer")
+    ours = GemmaTokenizer(tmp_path / "out/tokenizer.model", config_of(tmp_path / "out").tokenizer)
+    texts = ["a photo of a cat", "東京の夜景 😀 café  two  spaces", "<mask> 12345"]
+    ids, mask = ours(texts)
+    expected = reference(texts, padding="max_length", max_length=256, truncation=True, return_tensors="pt")
+    assert ids.tolist() == expected["input_ids"].tolist()
+    assert mask.tolist() == expected["attention_mask"].bool().tolist()
+
+
+def test_hub_ids_go_through_snapshot_download(prx_flux, tmp_path, monkeypatch):
+    """A repo id is fetched with huggingface_hub (faked here: no test downloads) and 'distilled' sets 8 / 1.0."""
+    asked = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(prx_flux)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    convert("Photoroom/prx-256-t2i-sft-distilled", tmp_path / "out")
+    assert asked == ["Photoroom/prx-256-t2i-sft-distilled"]
+    sampling = config_of(tmp_path / "out").sampling
+    assert (sampling.num_inference_steps, sampling.guidance_scale) == (8, 1.0)
+    convert(prx_flux, tmp_path / "out2", "--steps", 12, "--guidance", 3.5)
+    sampling = config_of(tmp_path / "out2").sampling
+    assert (sampling.num_inference_steps, sampling.guidance_scale) == (12, 3.5)
+
+
+# ---- bad input: one clear error, nothing written ---------------------------------------------------
+
+
+def broken_copy(src: Path, tmp_path: Path, edit) -> Path:
+    folder = tmp_path / "src"
+    shutil.copytree(src, folder)
+    edit(folder)
+    return folder
+
+
+def truncate(path: Path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def set_vae_class(folder: Path, name: str):
+    config = json.loads((folder / "vae/config.json").read_text())
+    (folder / "vae/config.json").write_text(json.dumps({**config, "_class_name": name}))
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda src, tmp: [tmp / "missing"], "does not exist"),
+        (lambda src, tmp: [broken_copy(src, tmp, lambda f: truncate(f / "transformer/diffusion_pytorch_model.safetensors"))],
+         "not a readable safetensors"),
+        (lambda src, tmp: [broken_copy(src, tmp, lambda f: set_vae_class(f, "VQModel"))], "not a VAE mirage knows"),
+        (lambda src, tmp: [broken_copy(src, tmp, lambda f: (f / "model_index.json").unlink())], "no model_index.json"),
+        (lambda src, tmp: [src, "--vae-type", "dc-ae"], "AutoencoderKL"),
+        (lambda src, tmp: [src, "--transformer", src.parent / "prx-dcae/transformer"], "latent channels"),
+        (lambda src, tmp: [src, "--text-encoder", src / "vae"], "text_encoder|T5Gemma|model_type"),
+    ],
+)  # fmt: skip
+def test_bad_sources_fail_cleanly(prx_flux, prx_dcae, tmp_path, make_args, message):
+    out = tmp_path / "out"
+    with pytest.raises((CheckpointError, ValueError), match=message):
+        convert(*make_args(prx_flux, tmp_path), out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left
+
+
+def test_mismatched_weights_name_the_keys(prx_flux, tmp_path):
+    def drop_a_key(folder):
+        path = folder / "transformer/diffusion_pytorch_model.safetensors"
+        weights = load_file(path)
+        weights["blocks.0.gate_proj.weight"] = weights["blocks.0.gate_proj.weight"][:-1]
+        del weights["txt_in.bias"]
+        save_file(weights, path)
+
+    with pytest.raises(CheckpointError, match=r"txt_in\.bias.*blocks\.0\.gate_proj\.weight \(127, 64\)"):
+        convert(broken_copy(prx_flux, tmp_path, drop_a_key), tmp_path / "out")
+
+
+def test_existing_output_needs_force(prx_flux, mirage_flux, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="--force"):
+        convert(prx_flux, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert(prx_flux, out, "--force")
+    assert not (out / "keep.txt").exists() and config_of(out) == config_of(mirage_flux)
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "convert_weights.py"), str(tmp_path / "nowhere"), str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"convert_weights.py: error: {tmp_path / 'nowhere'} does not exist"]
+    assert not (tmp_path / "out").exists()
