@@ -283,6 +283,11 @@ class FluxVAEConfig:
         if self.scaling_factor <= 0:
             raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
 
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent cell along each side: every level but the last halves the resolution."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @classmethod
     def from_diffusers(cls, d: dict) -> "FluxVAEConfig":
         """Read an AutoencoderKL config.json dict; raise on anything this port does not build."""

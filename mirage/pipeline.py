@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
-from . import lora
+from . import lora, memory, precision
 from .autoencoder import decode_latents
 from .configs import MirageConfig
 from .loading import CheckpointError, build_model, read_config, read_safetensors
@@ -36,6 +37,9 @@ from .vae_flux import FluxVAE
 log = logging.getLogger("mirage")
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+OFFLOAD_MODES = (None, "model", "sequential")
+COMPONENTS = ("transformer", "text_encoder", "vae")
+VAE_CLASSES = {"flux": FluxVAE, "dc-ae": DCAE}
 
 # Aspect-ratio bins (height / width -> (height, width)) per training resolution: the shapes the model
 # saw in training. A request is generated at the nearest bin and resized back. Same bins as the reference.
@@ -97,46 +101,108 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class MiragePipeline:
-    """The whole text-to-image path over one converted checkpoint folder (see `convert_weights.py`)."""
+    """The whole text-to-image path over one converted checkpoint folder (see `convert_weights.py`).
 
-    def __init__(self, config: MirageConfig, transformer, text_encoder, tokenizer, vae):
-        self.config = config
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.vae = vae
+    Models load on first use, so the text encoder (the largest part) can be freed once prompts are encoded
+    before the transformer is even read. `offload="model"` keeps every model in CPU memory and moves each to
+    the device only while it runs; `offload="sequential"` moves the transformer blocks and encoder layers
+    one at a time (least device memory, slowest).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        config: MirageConfig,
+        tokenizer: GemmaTokenizer,
+        device: torch.device,
+        dtype: torch.dtype,
+        offload: str | None = None,
+        keep_text_encoder: bool | None = None,
+        compile: bool = False,
+    ):
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        self.folder, self.config, self.tokenizer = Path(folder), config, tokenizer
+        self.device, self.dtype, self.offload, self.compile = device, dtype, offload, compile
+        self.keep_text_encoder = keep_text_encoder
+        self.models: dict[str, nn.Module] = {}  # loaded on first use, see `model`
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None) -> "MiragePipeline":
-        """Load a converted folder onto `device` (default: cuda, mps, cpu) in `dtype` (bf16 there, fp32 on CPU)."""
+    def from_pretrained(
+        cls,
+        path,
+        device=None,
+        dtype: torch.dtype | None = None,
+        offload: str | None = None,
+        keep_text_encoder: bool | None = None,
+        compile: bool = False,
+    ) -> "MiragePipeline":
+        """Open a converted folder for `device` (default: cuda, mps, cpu) in `dtype` (default: bf16 on GPUs, fp32 on
+        CPU). Checks the folder now; reads the weights when each model is first used.
+
+        keep_text_encoder: keep the text encoder loaded between calls (default: only when memory is ample).
+        """
         folder = Path(path)
         config = read_config(folder)
+        for name in (*COMPONENTS, "tokenizer.model"):
+            file = folder / (name if "." in name else f"{name}.safetensors")
+            if not file.is_file():
+                raise CheckpointError(f"{file} is missing: convert the checkpoint again (python convert_weights.py)")
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
-        vae_class = FluxVAE if config.vae_type == "flux" else DCAE
-
-        def load(name, make, component_dtype):
-            weights = read_safetensors(folder / f"{name}.safetensors")
-            return build_model(make, weights, device, component_dtype, source=str(folder / f"{name}.safetensors"))
-
-        transformer = load("transformer", lambda: MirageTransformer(config.transformer), dtype)
-        text_encoder = load("text_encoder", lambda: T5GemmaEncoder(config.text_encoder), dtype)
-        vae = load("vae", lambda: vae_class(config.vae), dtype)
         tokenizer = GemmaTokenizer(folder / "tokenizer.model", config.tokenizer)
-        return cls(config, transformer, text_encoder, tokenizer, vae)
+        return cls(folder, config, tokenizer, device, dtype or default_dtype(device), offload, keep_text_encoder, compile)
+
+    def model(self, name: str) -> nn.Module:
+        """The transformer, text encoder or VAE, read from the folder the first time it is asked for."""
+        if name not in self.models:
+            self.models[name] = self._load(name)
+        return self.models[name]
+
+    def _load(self, name: str) -> nn.Module:
+        config = self.config
+        make, requested = {
+            "transformer": (lambda: MirageTransformer(config.transformer), self.dtype),
+            "text_encoder": (lambda: T5GemmaEncoder(config.text_encoder), precision.text_encoder_dtype(self.dtype, self.device)),
+            "vae": (lambda: VAE_CLASSES[config.vae_type](config.vae), precision.vae_dtype(config.vae_type, self.dtype, self.device)),
+        }[name]  # fmt: skip
+        path = self.folder / f"{name}.safetensors"
+        home = torch.device("cpu") if self.offload else self.device
+        model = build_model(make, read_safetensors(path), home, requested, source=str(path))
+        if self.offload == "sequential":
+            memory.stream_blocks(model, self.device)
+        if self.compile and name == "transformer":
+            for block in model.blocks:  # the repeated block: compiled once, reused depth times per step
+                block.compile()
+        return model
 
     @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+    def transformer(self) -> MirageTransformer:
+        return self.model("transformer")
 
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+    def text_encoder(self) -> T5GemmaEncoder:
+        return self.model("text_encoder")
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.model("vae")
+
+    def running(self, name: str):
+        """Context in which model `name` sits on the device (a no-op unless offloading model by model)."""
+        return memory.on_device(self.model(name), self.device, enabled=self.offload == "model")
+
+    def free_text_encoder(self) -> None:
+        """Drop the text encoder after encoding unless it was asked to stay, or memory is ample."""
+        keep = self.keep_text_encoder
+        if keep is None:
+            keep = memory.is_ample(self.device, [self.folder / f"{c}.safetensors" for c in COMPONENTS])
+        if not keep:
+            self.models.pop("text_encoder", None)
 
     @property
     def pixel_multiple(self) -> int:
         """Height and width must be multiples of this: one latent patch in pixels."""
-        return self.vae.spatial_compression * self.config.transformer.patch_size
+        return self.config.vae.spatial_compression * self.config.transformer.patch_size
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], skip_text_cleaning: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +213,11 @@ class MiragePipeline:
         clean = basic_clean if skip_text_cleaning else clean_prompt
         ids, mask = self.tokenizer([clean(p) for p in prompts], padding="longest")  # [B, L], [B, L]
         ids, mask = ids.to(self.device), mask.to(self.device)
-        return self.text_encoder(ids, mask), mask  # [B, L, D], [B, L]
+        with self.running("text_encoder") as text_encoder:
+            embeds = text_encoder(ids, mask)  # [B, L, D]
+        if not torch.isfinite(embeds).all():
+            raise FloatingPointError(f"the text encoder produced inf/NaN in {embeds.dtype}: run it in bf16 or fp32 (--dtype)")
+        return embeds, mask
 
     def text_conditioning(
         self,
@@ -161,10 +231,12 @@ class MiragePipeline:
         negative_prompt_mask=None,
         skip_text_cleaning: bool = False,
     ):
-        """The transformer's text context for the batch [uncond images; cond images] (uncond only with guidance)."""
+        """Text embeddings [2N or N, L, D] and mask [2N or N, L] for the batch [uncond images; cond images]
+        (uncond only with guidance)."""
         if prompt_embeds is None:
             texts = (negative_prompt if guidance else []) + prompt  # negatives first, as the reference batches them
             embeds, mask = self.encode_prompts(texts, skip_text_cleaning)
+            self.free_text_encoder()
             if guidance:
                 negative_prompt_embeds, prompt_embeds = embeds.chunk(2)
                 negative_prompt_mask, prompt_mask = mask.chunk(2)
@@ -183,7 +255,7 @@ class MiragePipeline:
         length = max(e.shape[1] for e in embeds)
         embeds = torch.cat([_left_pad(e, length) for e in embeds]).to(self.device, self.dtype)  # [2N or N, L, D]
         masks = torch.cat([_left_pad(m, length) for m in masks]).to(self.device)  # [2N or N, L]
-        return self.transformer.encode_text(embeds, masks)
+        return embeds, masks
 
     @torch.no_grad()
     def __call__(
@@ -234,21 +306,26 @@ class MiragePipeline:
             num_images_per_prompt, output_type, sigmas,
         )  # fmt: skip
         guidance = guidance_scale > 1.0
-        context = self.text_conditioning(
+        embeds, masks = self.text_conditioning(
             prompt, negative_prompt, num_images_per_prompt, guidance, prompt_embeds, prompt_mask,
             negative_prompt_embeds, negative_prompt_mask, skip_text_cleaning,
         )  # fmt: skip
         n = batch * num_images_per_prompt
         latents = self.initial_latents(n, height, width, seed, generator, latents)  # [N, C, h, w]
         schedule = flow_match_sigmas(steps, sampling.shift, sampling.num_train_timesteps, sigmas)
-        latents = denoise(self.transformer, latents, schedule, context, guidance_scale, callback, progress)
+        with self.running("transformer") as transformer:
+            context = transformer.encode_text(embeds, masks)  # the text side, once for all steps
+            latents = denoise(transformer, latents, schedule, context, guidance_scale, callback, progress)
         if not torch.isfinite(latents).all():
             raise FloatingPointError(
                 f"the transformer produced inf/NaN latents in {self.dtype}: run it in bf16 or fp32 (--dtype)"
             )
         if output_type == "latent":
             return latents
-        images = decode_latents(self.vae, latents)  # [N, 3, H, W] in about [-1, 1]
+        with self.running("vae") as vae:
+            images = decode_latents(vae, latents)  # [N, 3, H, W] in about [-1, 1]
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(f"the VAE decoded inf/NaN in {images.dtype}: decode in fp32 (--dtype fp32)")
         if use_resolution_binning:
             images = resize_and_crop(images, *request)
         images = (images / 2 + 0.5).clamp(0, 1)
@@ -261,8 +338,8 @@ class MiragePipeline:
     def initial_latents(self, n, height, width, seed=None, generator=None, latents=None) -> torch.Tensor:
         """Gaussian noise [N, C, h, w], drawn on the CPU (in one draw for the batch, or one per seed in a list),
         then moved to the device."""
-        factor = self.vae.spatial_compression
-        shape = (n, self.vae.latent_channels, height // factor, width // factor)
+        factor = self.config.vae.spatial_compression
+        shape = (n, self.config.vae.latent_channels, height // factor, width // factor)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")

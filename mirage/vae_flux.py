@@ -196,7 +196,7 @@ class FluxVAE(nn.Module):
 
     @property
     def spatial_compression(self) -> int:
-        return 2 ** (len(self.config.block_out_channels) - 1)
+        return self.config.spatial_compression
 
     @property
     def latent_channels(self) -> int:
