@@ -16,8 +16,8 @@ Deviations, none visible in fp32:
 - config values the reference would silently reinterpret raise instead (see `DCAEConfig.from_diffusers`).
 Tiling and the latent scaling live in `mirage/autoencoder.py`, shared with the Flux VAE.
 
-Shapes: B batch, C channels, h/w feature grid, L = h*w positions, z latent channels, n attention heads
-(per q/k/v scale), d head dim.
+Shapes: B batch, C channels, h/w feature grid, H/W pixels, f compression, L = h*w positions, z latent
+channels, S extra q/k/v scales, d head dim, n = (C / d) * (1 + S) attention heads.
 """
 
 import torch
@@ -26,21 +26,6 @@ from einops import rearrange, reduce
 from torch import nn
 
 from .configs import DCAEConfig
-
-# fp16 policy. fp16 tops out at 65504, and DC-AE is not run in it by its authors: Sana's model card loads
-# the fp16 pipeline and then moves the autoencoder to bf16, and Photoroom's PRX training code runs DC-AE in
-# fp32. bf16 has fp32's exponent range, so a half-precision request decodes in bf16 (fp32 where the GPU
-# has no native bf16). Only the pipeline dtype fp16 is changed; fp32 and bf16 are used as asked.
-FP16_FALLBACK_LOG = "DC-AE does not run in float16 (it can overflow); decoding in {dtype} instead"
-
-
-def decode_dtype(requested: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype to run DC-AE in when the pipeline runs in `requested`; log FP16_FALLBACK_LOG if it differs."""
-    if requested != torch.float16:
-        return requested
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.float32
-    return torch.bfloat16
 
 
 class ChannelRMSNorm(nn.Module):
@@ -89,7 +74,7 @@ class ResBlock(nn.Module):
 
 
 class MultiscaleProjection(nn.Module):
-    """One extra q/k/v scale: a k x k depthwise conv, then a 1x1 conv mixing channels within each head."""
+    """One extra q/k/v scale: a k x k depthwise conv, then a 1x1 conv within each group of d channels."""
 
     def __init__(self, channels: int, heads: int, kernel_size: int):
         super().__init__()
@@ -142,10 +127,10 @@ class MultiscaleReLUAttention(nn.Module):
         qkv = torch.cat([self.to_q(t), self.to_k(t), self.to_v(t)], dim=-1).movedim(-1, 1)  # [B, 3C, h, w]
         qkv = torch.cat([qkv] + [scale(qkv) for scale in self.to_qkv_multiscale], dim=1)  # [B, 3C(1+S), h, w]
         # fp32: the normaliser sums h*w products, too many for half precision.
-        q, k, v = rearrange(qkv.float(), "b (n three d) h w -> three b n d (h w)", three=3, d=self.head_dim)
+        q, k, v = rearrange(qkv.float(), "b (n three d) h w -> three b n d (h w)", three=3, d=self.head_dim)  # [B, n, d, L]
         q, k = F.relu(q), F.relu(k)  # the kernel: sim(q, k) = relu(q) . relu(k)
         # eps only turns 0/0 (a query with no positive overlap) into 0. The two forms are the same function;
-        # the reference picks the cheaper one per level, and so do we, to round as it does.
+        # the reference picks the cheaper one per level (quadratic when L <= d), and so do we, to round as it does.
         attend = relu_linear_attention if h * w > self.head_dim else relu_quadratic_attention
         out = attend(q, k, v, eps=1e-15).to(x.dtype)  # [B, n, d, L]
         out = self.to_out(rearrange(out, "b n d (h w) -> b h w (n d)", h=h))  # [B, h, w, C]
@@ -314,6 +299,12 @@ class Decoder(nn.Module):
 
 class DCAE(nn.Module):
     """DC-AE encoder and decoder; state dict keys are diffusers `AutoencoderDC`'s."""
+
+    # Not run in float16 by its authors: Sana's model card loads its fp16 pipeline and then moves the
+    # autoencoder to bf16, and Photoroom's PRX code runs DC-AE in fp32. Random full-size weights stay far
+    # below fp16's 65504 (|activations| <= 190 at 1024 px), but that says little about the released ones.
+    # `mirage.autoencoder.vae_dtype` reads this to run it in bf16 (or fp32) when fp16 is asked for.
+    fp16_safe = False
 
     def __init__(self, config: DCAEConfig):
         super().__init__()
