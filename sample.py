@@ -2,13 +2,19 @@
 
     python sample.py --prompt "a rusty vintage tram on a sandy beach"
     python sample.py --prompt "a fox in the snow" --num-images 4 --seed 7 --dtype bf16 --output fox.png
+    python sample.py --prompts-file prompts.jsonl --outdir grid --batch-size 4 --save-trajectory
+    torchrun --nproc-per-node 8 sample.py --prompts-file prompts.txt --outdir grid
+
+A prompts file has one prompt per line, or one JSON object per line with "prompt" and any of "negative_prompt",
+"seed", "height", "width", "steps", "guidance", "name" (see mirage/jobs.py). Item i gets seed --seed + i and
+the file NNNNN-slug.png in --outdir, listed in its manifest.jsonl; re-running the command skips finished items.
 
 Unset sampling settings come from the checkpoint's config.json (28 steps and guidance 4, or 8 steps and
 guidance 1 for distilled checkpoints). Every PNG carries its prompt and settings in its text metadata.
 """
 
 import argparse
-import json
+import math
 import random
 import sys
 import time
@@ -32,19 +38,27 @@ def option(default, help, **kwargs):
 class Options:
     """Every flag of sample.py, with its one default; argparse is built from these fields."""
 
-    prompt: str | None = option(None, "the text to draw", required=True)
+    prompt: str | None = option(None, "the text to draw (or --prompts-file)")
     negative_prompt: str = option("", "what to steer away from (used when guidance > 1)")
     weights: Path | None = option(None, "converted checkpoint folder (default: the only folder in weights/)")
     steps: int | None = option(None, "denoising steps (default: the checkpoint's)")
     guidance: float | None = option(None, "classifier-free guidance scale, >= 1; 1 = off (default: the checkpoint's)")
     height: int | None = option(None, "image height in pixels (default: the checkpoint's sample size)")
     width: int | None = option(None, "image width in pixels (default: the checkpoint's sample size)")
-    seed: int | None = option(None, "random seed (default: a random one, printed)")
+    seed: int | None = option(None, "random seed (default: a random one, printed; --prompts-file: 0, item i uses SEED+i)")
     num_images: int = option(1, "images to make")
     device: str | None = option(None, "cuda, mps or cpu (default: cuda when available)")
     dtype: str | None = option(None, "fp32, bf16 or fp16 (default: bf16 on GPUs, fp32 on CPU)", choices=DTYPE_NAMES)
     output: Path | None = option(None, "PNG path; several images get _0, _1, ... (default: numbered files in outputs/)")
     no_binning: bool = option(False, "generate at exactly --height x --width instead of the nearest trained aspect ratio")
+    prompts_file: Path | None = option(None, "a file of prompts: one per line, or JSON Lines with per-item settings")
+    outdir: Path | None = option(None, "folder for --prompts-file images and manifest.jsonl (default: outputs/NAME)")
+    batch_size: int = option(1, "--prompts-file items per forward pass (items of the same size and settings)")
+    save_trajectory: bool = option(False, "also write a strip of the predicted clean image at a few steps")
+    lora: list[str] | None = option(
+        None, "a LoRA safetensors file to apply, with its scale (default 1); repeat for several",
+        action="append", metavar="PATH[:SCALE]",
+    )  # fmt: skip
 
 
 def parse_options(argv=None) -> Options:
@@ -64,6 +78,14 @@ def parse_options(argv=None) -> Options:
 
 def check(options: Options) -> None:
     """Reject impossible settings before any weight is read."""
+    if (options.prompt is None) == (options.prompts_file is None):
+        raise ValueError("give either --prompt or --prompts-file")
+    if options.prompts_file is not None and (options.output is not None or options.num_images != 1):
+        raise ValueError("--output and --num-images go with --prompt: a prompts file makes one image per line")
+    if options.prompts_file is None and (options.outdir is not None or options.batch_size != 1):
+        raise ValueError("--outdir and --batch-size go with --prompts-file (--num-images batches one --prompt)")
+    if options.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.steps is not None and options.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {options.steps}")
     if options.guidance is not None and options.guidance < 1:
@@ -74,6 +96,19 @@ def check(options: Options) -> None:
         value = getattr(options, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be positive, got {value}")
+    for spec in options.lora or []:
+        path, scale = lora_spec(spec)
+        if not path.is_file() or not math.isfinite(scale):
+            raise ValueError(f"--lora {spec}: expected PATH[:SCALE], an existing file and a finite scale")
+
+
+def lora_spec(spec: str) -> tuple[Path, float]:
+    """--lora PATH[:SCALE] -> (path, scale); without a number after its last colon, the whole text is the path."""
+    head, colon, tail = spec.rpartition(":")
+    try:
+        return (Path(head), float(tail)) if colon else (Path(spec), 1.0)
+    except ValueError:
+        return Path(spec), 1.0
 
 
 def find_weights(weights: Path | None) -> Path:
@@ -88,8 +123,9 @@ def find_weights(weights: Path | None) -> Path:
     return folders[0]
 
 
-def output_paths(output: Path | None, count: int) -> list[Path]:
-    """PATH (PATH_0, PATH_1, ... for several), or the next free numbers in outputs/; never an existing file."""
+def output_paths(output: Path | None, count: int, trajectory: bool = False) -> list[Path]:
+    """PATH (PATH_0, PATH_1, ... for several), or the next free numbers in outputs/, then with `trajectory` a
+    NAME.trajectory.png for each; never an existing file."""
     if output is None:
         folder = Path("outputs")
         taken = [int(p.stem) for p in folder.glob("*.png") if p.stem.isdigit()] if folder.is_dir() else []
@@ -99,6 +135,8 @@ def output_paths(output: Path | None, count: int) -> list[Path]:
         paths = [output]
     else:
         paths = [output.with_name(f"{output.stem}_{i}{output.suffix or '.png'}") for i in range(count)]
+    if trajectory:
+        paths += [path.with_suffix(".trajectory.png") for path in paths]
     for path in paths:
         if path.exists():
             raise FileExistsError(f"{path} exists: choose another --output (sample.py never overwrites)")
@@ -111,18 +149,18 @@ def output_paths(output: Path | None, count: int) -> list[Path]:
 
 def main(argv=None) -> None:
     options = parse_options(argv)
-    import torch  # after argument parsing, so --help and bad flags answer at once
-
-    from mirage.pipeline import MiragePipeline
-
     started = time.perf_counter()
     weights = find_weights(options.weights)
-    paths = output_paths(options.output, options.num_images)
+    if options.prompts_file is not None:
+        return make_many(options, weights, started)
+    from mirage.jobs import Trajectory, save_png  # after argument parsing: --help and bad flags answer at once
+
+    paths = output_paths(options.output, options.num_images, options.save_trajectory)
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
     if options.seed is None:
         print(f"seed {seed}")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(options.dtype)
-    pipe = MiragePipeline.from_pretrained(weights, device=options.device, dtype=dtype)
+    pipe = load_pipeline(options, weights, options.device)
+    trajectory = Trajectory() if options.save_trajectory else None
     images = pipe(
         options.prompt,
         negative_prompt=options.negative_prompt,
@@ -133,22 +171,82 @@ def main(argv=None) -> None:
         seed=seed,
         num_images_per_prompt=options.num_images,
         use_resolution_binning=not options.no_binning,
+        callback=trajectory,
     )
-    settings = {**asdict(options), "weights": str(weights), "seed": seed, "output": None}
-    for index, (image, path) in enumerate(zip(images, paths)):
-        save_png(image, path, {**settings, "image_index": index})
+    settings = {**run_settings(options, weights), "seed": seed, "output": None}
+    strips = trajectory.strips(pipe.vae, images[0].height, images[0].width) if trajectory else []
+    for index, (picture, path) in enumerate(zip(images + strips, paths)):  # the images, then their strips
+        save_png(picture, path, {**settings, "image_index": index % len(images)})
     elapsed = time.perf_counter() - started
     print(f"wrote {', '.join(map(str, paths))} in {elapsed:.1f} s")
 
 
-def save_png(image, path: Path, settings: dict) -> None:
-    """A PNG whose text metadata holds the prompt and every setting that made it."""
-    from PIL.PngImagePlugin import PngInfo
+def make_many(options: Options, weights: Path, started: float) -> None:
+    """--prompts-file: make every item not yet in --outdir, shared among the processes torchrun started."""
+    from mirage import jobs
+    from mirage.loading import read_config
 
-    info = PngInfo()
-    info.add_text("prompt", settings["prompt"])
-    info.add_text("mirage", json.dumps(settings, default=str))
-    image.save(path, pnginfo=info)
+    sampling = read_config(weights).sampling
+    defaults = jobs.Defaults(  # flags are checked positive, so `or` only replaces an unset one
+        negative_prompt=options.negative_prompt,
+        seed=0 if options.seed is None else options.seed,
+        height=options.height or sampling.default_sample_size,
+        width=options.width or sampling.default_sample_size,
+        steps=options.steps or sampling.num_inference_steps,
+        guidance=options.guidance or sampling.guidance_scale,
+    )
+    items = jobs.read_prompts(options.prompts_file, defaults)  # a bad line stops us before any weight is read
+    outdir = options.outdir or Path("outputs") / options.prompts_file.stem
+    world = jobs.World.from_env()
+    device = world.device(options.device)
+    world.start(device)
+    try:
+        todo = jobs.pending(items, outdir, options.save_trajectory)
+        world.barrier(device)  # every rank has listed what is left before any rank writes
+        if world.rank == 0:
+            print(f"{len(todo)} of {len(items)} images to make in {outdir}, {world.size} process(es)")
+        pipe = load_pipeline(options, weights, device)
+        if options.no_binning:
+            jobs.check_sizes(items, pipe.pixel_multiple, options.prompts_file)
+        run = run_settings(options, weights)
+        settings = {key: run[key] for key in ("weights", "dtype", "no_binning", "lora")} | {"rank": world.rank}
+        written = jobs.generate(
+            pipe,
+            todo[world.rank :: world.size],
+            outdir,
+            jobs.manifest_path(outdir, world),
+            settings,
+            batch_size=options.batch_size,
+            binning=not options.no_binning,
+            trajectory=options.save_trajectory,
+            progress=world.rank == 0,
+        )
+        (written,) = world.sum([written], device)
+        if world.rank == 0:
+            listed = jobs.merge_manifests(outdir)
+            elapsed = time.perf_counter() - started
+            print(f"wrote {written} images in {elapsed:.1f} s; {outdir / jobs.MANIFEST} lists {listed}")
+    finally:
+        world.stop()
+
+
+def load_pipeline(options: Options, weights: Path, device):
+    """The checkpoint on `device` in --dtype, with every --lora applied."""
+    import torch
+
+    from mirage.pipeline import MiragePipeline
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(options.dtype)
+    pipe = MiragePipeline.from_pretrained(weights, device=device, dtype=dtype)
+    for lora_path, scale in map(lora_spec, options.lora or []):
+        pipe.load_lora(lora_path, scale, name=str(lora_path))
+    return pipe
+
+
+def run_settings(options: Options, weights: Path) -> dict:
+    """What every PNG's metadata records about the run, besides the image's own prompt and seed."""
+    loras = [{"path": str(lora_path), "scale": scale} for lora_path, scale in map(lora_spec, options.lora or [])]
+    return {**asdict(options), "weights": str(weights), "lora": loras}
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ C latent channels, h/w latent grid, H/W pixels.
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image

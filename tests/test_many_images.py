@@ -1,0 +1,227 @@
+"""Many images: prompts files, torchrun sharding, resumable output folders, batching and trajectory strips.
+
+A torchrun run (two processes, one image per call) is compared with an in-process run of the same command
+batching three items per call, on a tiny converted checkpoint; a killed run is simulated on its output folder.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from mirage import jobs
+from mirage.pipeline import MiragePipeline
+
+SAMPLE_PY = Path(sample.__file__).resolve()
+IMAGE_TOL = 2e-3  # the pipeline tolerance, on images in [0, 1]
+
+PROMPTS = """a red fox in the snow
+{"prompt": "a lighthouse at night", "seed": 1234, "name": "lighthouse"}
+
+{"prompt": "a café in Paris", "height": 96, "width": 64}
+a bowl of ramen, studio photo
+{"prompt": "tiny robot", "steps": 1, "negative_prompt": "blurry"}
+{"prompt": "東京 夜景", "guidance": 1}
+"""
+NAMES = ["00000-a-red-fox-in-the-snow", "lighthouse", "00002-a-cafe-in-paris", "00003-a-bowl-of-ramen-studio-photo",
+         "00004-tiny-robot", "00005"]  # fmt: skip
+DEFAULTS = jobs.Defaults(negative_prompt="", seed=10, height=64, width=64, steps=2, guidance=4.0)
+
+
+def flags(checkpoint, prompts_file, outdir, *extra):
+    return ["--weights", str(checkpoint), "--prompts-file", str(prompts_file), "--outdir", str(outdir), "--seed", "10",
+            "--steps", "2", "--height", "64", "--width", "64", "--no-binning", "--device", "cpu", *extra]  # fmt: skip
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def assert_same_images(folder, reference, names):
+    """Equal 8-bit images: a difference below IMAGE_TOL moves a value by at most one level after rounding, and
+    only where it sat at a rounding boundary."""
+    for name in names:
+        ours, ref = pixels(folder / f"{name}.png"), pixels(reference / f"{name}.png")
+        assert ours.shape == ref.shape, name
+        diff = np.abs(ours - ref)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (name, diff.max(), (diff > 0).mean())
+
+
+def manifest(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / jobs.MANIFEST).read_text().splitlines()]
+
+
+def stamp(path):
+    status = path.stat()
+    return status.st_mtime_ns, status.st_ino
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text(PROMPTS, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_run(mirage_flux, prompts_file, tmp_path_factory):
+    """The reference: the same command in one process, batching items 0, 1 and 3 (the only compatible ones)."""
+    outdir = tmp_path_factory.mktemp("single") / "out"
+    sample.main(flags(mirage_flux, prompts_file, outdir, "--batch-size", "3"))
+    return outdir
+
+
+def test_reading_prompts_file(prompts_file):
+    items = jobs.read_prompts(prompts_file, DEFAULTS)
+    assert [item.name for item in items] == NAMES
+    assert [item.line for item in items] == [1, 2, 4, 5, 6, 7]  # blank lines are skipped but counted
+    assert [item.seed for item in items] == [10, 1234, 12, 13, 14, 15]  # --seed + index unless given
+    assert (items[2].height, items[2].width, items[4].steps, items[5].guidance) == (96, 64, 1, 1.0)
+    assert items[4].negative_prompt == "blurry" and items[0].negative_prompt == ""
+    batches = jobs.batches(items, 2)  # same size, steps and guidance share a call, in file order
+    assert [[item.index for item in batch] for batch in batches] == [[0, 1], [3], [2], [4], [5]]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a cat", "seed": 3', "bad JSON"),
+        ('{"prompt": "a cat", "colour": "red"}', "unknown key 'colour'"),
+        ('{"negative_prompt": "blurry"}', 'no "prompt"'),
+        ('{"prompt": "a cat", "steps": "four"}', "steps must be an integer"),
+        ('{"prompt": "a cat", "guidance": 0.5}', "guidance must be >= 1"),
+        ('{"prompt": "a cat", "name": "../escape"}', "not a plain file name"),
+        ('{"prompt": "a cat", "name": "lighthouse"}', "taken by line 2"),
+        ('{"prompt": "   "}', "empty prompt"),
+    ],
+)
+def test_malformed_prompts_file_names_the_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f'a dog\n{{"prompt": "x", "name": "lighthouse"}}\n\n{line}\nnever read\n', encoding="utf-8")
+    with pytest.raises(jobs.PromptsFileError) as error:
+        jobs.read_prompts(path, DEFAULTS)
+    assert str(error.value).startswith(f"{path}:4: ") and message in str(error.value)
+
+
+def test_malformed_prompts_file_stops_the_command_before_generation(tmp_path, mirage_flux):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('a dog\n{"prompt": "a cat", "sead": 3}\n', encoding="utf-8")
+    outdir = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, str(SAMPLE_PY), *flags(mirage_flux, path, outdir)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode != 0
+    assert run.stderr.strip() == f"sample.py: error: {path}:2: unknown key 'sead' (known: {', '.join(jobs.ITEM_KEYS)})"
+    assert not outdir.exists()
+    # A size that the model cannot make without binning is also found before the first image, with its line.
+    path.write_text('a dog\n{"prompt": "a cat", "width": 72}\n', encoding="utf-8")
+    with pytest.raises(jobs.PromptsFileError, match=f"{path}:2: 64x72 is not a multiple of 16"):
+        sample.main(flags(mirage_flux, path, outdir))
+    assert not list(outdir.glob("*.png"))
+
+
+def test_torchrun_shards_items_and_resumes_a_killed_run(mirage_flux, prompts_file, single_run, tmp_path):
+    outdir = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(SAMPLE_PY), *flags(mirage_flux, prompts_file, outdir)]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    # Every item exactly once, by rank index % 2, the same pictures as one process, one merged manifest.
+    assert sorted(p.name for p in outdir.iterdir()) == sorted([f"{name}.png" for name in NAMES] + [jobs.MANIFEST])
+    assert_same_images(outdir, single_run, NAMES)
+    records = manifest(outdir)
+    assert [r["file"] for r in records] == [f"{name}.png" for name in NAMES]
+    assert [r["rank"] for r in records] == [0, 1, 0, 1, 0, 1]
+    assert [r["seed"] for r in records] == [r["seed"] for r in manifest(single_run)] == [10, 1234, 12, 13, 14, 15]
+    assert [(r["steps"], r["guidance"]) for r in records] == [(2, 4.0)] * 4 + [(1, 4.0), (2, 1.0)]
+    assert Image.open(outdir / "00002-a-cafe-in-paris.png").size == (64, 96)
+    assert json.loads(Image.open(outdir / "lighthouse.png").text["mirage"])["seed"] == 1234
+
+    # A run killed after writing four images: two images and their records missing, a record cut short
+    # mid-write, a picture never renamed into place, a rank's manifest never merged.
+    lost = [NAMES[1], NAMES[4]]
+    kept = [name for name in NAMES if name not in lost]
+    for name in lost:
+        (outdir / f"{name}.png").unlink()
+    (outdir / f"{lost[0]}.png.partial").write_bytes(b"\x89PNG cut short")
+    (outdir / "manifest.rank1.jsonl").write_text(json.dumps(records[3]) + "\n")
+    merged = [json.dumps(r) + "\n" for r in records if r["index"] not in (1, 3, 4)]
+    (outdir / jobs.MANIFEST).write_text("".join(merged) + '{"file": "0000')
+    before = {name: stamp(outdir / f"{name}.png") for name in kept}
+
+    sample.main(flags(mirage_flux, prompts_file, outdir))  # the re-run, now in one process
+
+    assert {name: stamp(outdir / f"{name}.png") for name in kept} == before  # finished items untouched
+    assert_same_images(outdir, single_run, NAMES)
+    assert sorted(p.name for p in outdir.iterdir()) == sorted([f"{name}.png" for name in NAMES] + [jobs.MANIFEST])
+    records = manifest(outdir)
+    assert [r["file"] for r in records] == [f"{name}.png" for name in NAMES]
+    assert [r["rank"] for r in records] == [0, 0, 0, 1, 0, 1]  # the two redone items, by the lone rank 0
+
+
+def test_batches_equal_one_image_at_a_time(mirage_flux):
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
+    prompts = ["a red fox in the snow", "a very long prompt about a lighthouse at night, stars, moon, waves", "ramen"]
+    negatives, seeds = ["", "blurry", ""], [3, 5, 7]  # prompts of different lengths: the batch pads them
+    kwargs = dict(height=64, width=64, num_inference_steps=2, guidance_scale=4.0, use_resolution_binning=False,
+                  output_type="pt", progress=False)  # fmt: skip
+    batch = pipe(prompts, negative_prompt=negatives, seed=seeds, **kwargs)
+    singles = torch.cat([pipe(p, negative_prompt=n, seed=s, **kwargs) for p, n, s in zip(prompts, negatives, seeds)])
+    err = (batch - singles).abs().max().item()
+    assert err <= IMAGE_TOL, err
+    with pytest.raises(ValueError, match="got 2 seeds for 3 images"):
+        pipe(prompts, seed=[3, 5], output_type="latent", progress=False)
+
+
+def test_trajectory_recovers_the_clean_latents():
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    recorder = jobs.Trajectory()
+    for step, sigma in enumerate(torch.tensor([1.0, 0.7, 0.3, 0.05])):
+        recorder(step, sigma, (1 - sigma) * x0 + sigma * eps, eps - x0)  # x_sigma and the exact velocity
+    assert len(recorder.x0) == 4 and all(torch.allclose(x, x0, atol=1e-5) for x in recorder.x0)
+    assert recorder.frames(3) == [0, 2, 3] and recorder.frames(10) == [0, 1, 2, 3]
+
+
+def test_save_trajectory_writes_strips(mirage_flux, tmp_path):
+    prompts = tmp_path / "one.txt"
+    prompts.write_text('{"prompt": "a café in Paris", "height": 96, "width": 64}\n')
+    outdir = tmp_path / "out"
+    sample.main(flags(mirage_flux, prompts, outdir, "--save-trajectory", "--steps", "3"))
+    for record in manifest(outdir):
+        image, strip = pixels(outdir / record["file"]), pixels(outdir / record["trajectory"])
+        height, width = image.shape[:2]
+        assert strip.shape == (height, 3 * width, 3) and len(record["trajectory_sigmas"]) == 3
+        frames = np.split(strip, 3, axis=1)
+        assert np.array_equal(frames[-1], image)  # the last prediction is the final image
+        assert np.abs(frames[0] - image).mean() > 1  # the first is not
+    # The single-prompt path writes NAME.trajectory.png next to each image.
+    fox = tmp_path / "fox.png"
+    sample.main(["--weights", str(mirage_flux), "--prompt", "a fox", "--steps", "2", "--height", "64", "--width", "64",
+                 "--seed", "1", "--device", "cpu", "--output", str(fox), "--save-trajectory"])  # fmt: skip
+    strip = pixels(tmp_path / "fox.trajectory.png")
+    assert strip.shape == (64, 128, 3) and np.array_equal(strip[:, 64:], pixels(fox))
+
+
+def test_world_and_flags():
+    assert jobs.World.from_env({}) == jobs.World(0, 1, 0)
+    assert jobs.World.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == jobs.World(3, 4, 1)
+    with pytest.raises(ValueError, match="RANK 4 is outside WORLD_SIZE 4"):
+        jobs.World.from_env({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+    assert jobs.World(1, 2, 1).device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="LOCAL_RANK picks the GPU"):
+        jobs.World(1, 2, 1).device("cuda:0")
+    with pytest.raises(ValueError, match="either --prompt or --prompts-file"):
+        sample.parse_options(["--prompt", "a", "--prompts-file", "p.txt"])
+    with pytest.raises(ValueError, match="--outdir and --batch-size go with --prompts-file"):
+        sample.parse_options(["--prompt", "a", "--batch-size", "2"])
+    with pytest.raises(ValueError, match="--output and --num-images go with --prompt"):
+        sample.parse_options(["--prompts-file", "p.txt", "--num-images", "2"])
