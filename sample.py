@@ -55,6 +55,11 @@ class Options:
     outdir: Path | None = option(None, "folder for --prompts-file images and manifest.jsonl (default: outputs/NAME)")
     batch_size: int = option(1, "--prompts-file items per forward pass (items of the same size and settings)")
     save_trajectory: bool = option(False, "also write a strip of the predicted clean image at a few steps")
+    offload: str | None = option(
+        None, "keep weights in CPU memory: 'model' moves each model to the GPU while it runs, 'sequential' each block",
+        choices=("model", "sequential"),
+    )  # fmt: skip
+    compile: bool = option(False, "torch.compile the transformer block (slow first step, faster after)")
     lora: list[str] | None = option(
         None, "a LoRA safetensors file to apply, with its scale (default 1); repeat for several",
         action="append", metavar="PATH[:SCALE]",
@@ -173,7 +178,16 @@ def main(argv=None) -> None:
         use_resolution_binning=not options.no_binning,
         callback=trajectory,
     )
-    settings = {**run_settings(options, weights), "seed": seed, "output": None}
+    sampling = pipe.config.sampling  # record what was used, the checkpoint's defaults included
+    settings = {
+        **run_settings(options, weights),
+        "seed": seed,
+        "output": None,
+        "steps": options.steps or sampling.num_inference_steps,
+        "guidance": options.guidance or sampling.guidance_scale,
+        "height": options.height or sampling.default_sample_size,
+        "width": options.width or sampling.default_sample_size,
+    }
     strips = trajectory.strips(pipe.vae, images[0].height, images[0].width) if trajectory else []
     for index, (picture, path) in enumerate(zip(images + strips, paths)):  # the images, then their strips
         save_png(picture, path, {**settings, "image_index": index % len(images)})
@@ -237,7 +251,10 @@ def load_pipeline(options: Options, weights: Path, device):
     from mirage.pipeline import MiragePipeline
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(options.dtype)
-    pipe = MiragePipeline.from_pretrained(weights, device=device, dtype=dtype)
+    # One run encodes its prompts once: free the text encoder before the transformer is read.
+    pipe = MiragePipeline.from_pretrained(
+        weights, device=device, dtype=dtype, offload=options.offload, keep_text_encoder=False, compile=options.compile
+    )
     for lora_path, scale in map(lora_spec, options.lora or []):
         pipe.load_lora(lora_path, scale, name=str(lora_path))
     return pipe
