@@ -6,6 +6,7 @@ missing, unexpected or misshapen key is an error that names it.
 """
 
 import json
+import re
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -83,3 +84,26 @@ def build_model(
     state_dict = {k: v.to(device) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+# Photoroom's training codebase (Photoroom/PRX models/prx.py) -> diffusers, inside `blocks.{i}.`;
+# its RMSNorm calls its weight `scale` in some versions and `weight` in others.
+ORIGINAL_BLOCK_RENAMES = {
+    "img_qkv_proj.weight": "attention.img_qkv_proj.weight",
+    "txt_kv_proj.weight": "attention.txt_kv_proj.weight",
+    "qk_norm.query_norm.scale": "attention.norm_q.weight",
+    "qk_norm.query_norm.weight": "attention.norm_q.weight",
+    "qk_norm.key_norm.scale": "attention.norm_k.weight",
+    "qk_norm.key_norm.weight": "attention.norm_k.weight",
+    "k_norm.scale": "attention.norm_added_k.weight",
+    "k_norm.weight": "attention.norm_added_k.weight",
+    "attn_out.weight": "attention.to_out.0.weight",
+}
+
+
+def rename_original_key(key: str) -> str:
+    """An original-codebase transformer key in diffusers' (= mirage's) naming; every other key as it is."""
+    match = re.fullmatch(r"(blocks\.\d+\.)(.+)", key)
+    if match and match[2] in ORIGINAL_BLOCK_RENAMES:
+        return match[1] + ORIGINAL_BLOCK_RENAMES[match[2]]
+    return key

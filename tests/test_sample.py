@@ -1,6 +1,7 @@
 """sample.py as a user runs it: a subprocess on a tiny converted checkpoint."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,17 @@ def test_writes_pngs_with_their_settings(mirage_flux, tmp_path):
         (["--guidance", 0.5], "--guidance must be >= 1"),
         (["--height", 250, "--width", 256, "--no-binning"], "multiples of 16"),
         (["--output", "taken.png"], "taken.png exists"),
-        (["--output", "no_such_dir/x.png", "--weights", "no_such_weights"], "not a converted checkpoint"),
+        (["--output", "taken.png/x.png"], "taken.png"),  # a folder that cannot be made
+        (["--weights", "empty"], "not a converted checkpoint"),
+        (["--weights", "truncated"], "not a readable safetensors file"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(mirage_flux, tmp_path, args, message):
     (tmp_path / "taken.png").write_bytes(b"mine")
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(mirage_flux, tmp_path / "truncated")
+    weights = tmp_path / "truncated/transformer.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     args = args if "--weights" in args else [*args, "--weights", mirage_flux]
     result = run_sample("--prompt", "a cat", *args, cwd=tmp_path)
     assert result.returncode != 0

@@ -1,0 +1,297 @@
+"""LoRA for the Mirage transformer: low-rank updates of its linear layers, read from safetensors files.
+
+A LoRA changes a linear layer's weight W [out, in] by  scale * alpha / rank * up @ down,  with down [rank, in]
+and up [out, rank]: PEFT's convention, where alpha is the rank when a file gives none. Files come spelled four
+ways, told apart by their keys:
+- diffusers / PEFT: `[transformer.]blocks.0.attention.img_qkv_proj.lora_A.weight` (down), `.lora_B.weight` (up),
+  optionally `.alpha`;
+- trainers that name the model `diffusion_model`: `diffusion_model.blocks.0.attention.img_qkv_proj.lora_A.weight`;
+- the original training codebase's layer names (`blocks.0.img_qkv_proj`, `blocks.0.attn_out`; the rename table
+  is the converter's, in `mirage.loading`), with either of the prefixes above or none;
+- kohya: `lora_unet_blocks_0_attention_img_qkv_proj.lora_down.weight`, `.lora_up.weight`, `.alpha`, the layer
+  path with its dots written as underscores; since layer names hold underscores themselves, it is looked up
+  among the model's real layer names.
+
+A loaded LoRA starts unfused: each target layer becomes a `LoRALinear`, which adds the update to its output, so
+the scale can change at no cost and the weights stay untouched. Fusing merges it into the weights instead (no
+run-time cost): the weight becomes the original plus every fused update, summed in fp32 and cast once, always
+from the original, which is kept on the CPU (no copy when the model is already there) while anything is fused.
+Unloading therefore restores the weights bit for bit. Any number of LoRAs stack, fused or not.
+
+The LoRA tensors are non-persistent buffers of small modules hung on the target layers: they follow the model
+from device to device (offloading) but never enter its state dict, whose keys stay the checkpoint's.
+
+Every file is checked against the model in full before anything changes: an unknown key, a layer the model
+lacks, a rank or shape that does not fit, or a non-finite value raises a LoRAError that names the key, and
+leaves the model as it was.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from .loading import rename_original_key
+
+# The key of one LoRA tensor: the target layer, then which tensor it is (down, up, alpha), per convention.
+PEFT_KEY = re.compile(r"(?P<layer>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha)")
+KOHYA_KEY = re.compile(r"lora_unet_(?P<layer>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+PARTS = {
+    "lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"
+}  # fmt: skip
+PEFT_PREFIXES = ("transformer.", "diffusion_model.")
+
+
+class LoRAError(ValueError):
+    """A LoRA file or request that cannot be applied; the message names the key or LoRA, and nothing changed."""
+
+
+@dataclass(frozen=True)
+class LayerLoRA:
+    """One file's update of one linear layer, checked against it."""
+
+    down: Tensor  # [rank, in]
+    up: Tensor  # [out, rank]
+    alpha: float
+
+
+# ---- reading and checking a file -------------------------------------------------------------------------------
+
+
+def read_lora(path: str | Path) -> dict[str, Tensor]:
+    """All tensors of a LoRA safetensors file (on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoRAError(f"LoRA file {path} does not exist")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise LoRAError(f"{path} is not a readable safetensors file ({err})") from None
+
+
+def lora_format(keys: list[str]) -> tuple[str, str]:
+    """("kohya", "lora_unet_") or ("peft", its prefix: "transformer.", "diffusion_model." or ""), from the first
+    key; the other keys are held to it when they are parsed."""
+    if keys[0].startswith("lora_unet_"):
+        return "kohya", "lora_unet_"
+    return "peft", next((p for p in PEFT_PREFIXES if keys[0].startswith(p)), "")
+
+
+def parse_lora(state_dict: dict[str, Tensor], model: nn.Module, source: str = "the LoRA") -> dict[str, LayerLoRA]:
+    """The updates a LoRA state dict makes, by the model's layer path, each checked against its layer.
+
+    Raises a LoRAError naming the first key that does not fit; reads the model, never changes it.
+    """
+    if not state_dict:
+        raise LoRAError(f"{source} holds no tensors")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    keys = sorted(state_dict)
+    style, prefix = lora_format(keys)
+    kohya_names = {name.replace(".", "_"): name for name in linears}
+    found: dict[str, dict[str, str]] = {}  # layer path -> {"down" / "up" / "alpha": key}
+    for key in keys:
+        match = KOHYA_KEY.fullmatch(key) if style == "kohya" else PEFT_KEY.fullmatch(key.removeprefix(prefix))
+        if match is None or not key.startswith(prefix):
+            expected = (
+                "lora_unet_<layer>.lora_down.weight / .lora_up.weight / .alpha" if style == "kohya"
+                else f"{prefix}<layer>.lora_A.weight / .lora_B.weight / .alpha"
+            )  # fmt: skip
+            raise LoRAError(f"{source}: unknown key {key}: the file's first key makes it {style} ({expected})")
+        if style == "kohya":
+            layer = kohya_names.get(match["layer"], match["layer"])
+        else:
+            layer = rename_original_key(match["layer"] + ".weight").removesuffix(".weight")
+        if layer not in linears:
+            raise LoRAError(f"{source}: {key} targets {layer}, which is not a linear layer of this transformer")
+        part = PARTS[match["part"]]
+        if part in found.setdefault(layer, {}):
+            raise LoRAError(f"{source}: {key} and {found[layer][part]} are both the {part} of {layer}")
+        found[layer][part] = key
+    return {layer: check_layer(state_dict, parts, layer, linears[layer], source) for layer, parts in found.items()}
+
+
+def check_layer(
+    state_dict: dict[str, Tensor], keys: dict[str, str], layer: str, linear: nn.Linear, source: str
+) -> LayerLoRA:
+    """The update of one layer from its keys {"down", "up", maybe "alpha"}, or a LoRAError naming the bad key."""
+    for part in ("down", "up"):
+        if part not in keys:
+            raise LoRAError(f"{source}: {next(iter(keys.values()))} has no {part} weight beside it for {layer}")
+    for key in (keys["down"], keys["up"]):
+        if not state_dict[key].is_floating_point() or not torch.isfinite(state_dict[key]).all():
+            raise LoRAError(f"{source}: {key} must hold finite floating-point values")
+    down, up = state_dict[keys["down"]], state_dict[keys["up"]]
+    shapes = f"{keys['down']} {tuple(down.shape)} and {keys['up']} {tuple(up.shape)}"
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise LoRAError(f"{source}: {shapes} must be [rank, in] and [out, rank] matrices of one rank")
+    if (up.shape[0], down.shape[1]) != (linear.out_features, linear.in_features):
+        weight = f"{linear.out_features} x {linear.in_features}"
+        raise LoRAError(f"{source}: {shapes} do not fit {layer}, whose weight is {weight}")
+    if "alpha" not in keys:
+        return LayerLoRA(down, up, alpha=float(down.shape[0]))
+    alpha = state_dict[keys["alpha"]].float()
+    if alpha.numel() != 1 or not torch.isfinite(alpha).all():
+        raise LoRAError(f"{source}: {keys['alpha']} must be one finite number, got {alpha.tolist()}")
+    return LayerLoRA(down, up, alpha.item())
+
+
+# ---- the updates on the model ----------------------------------------------------------------------------------
+
+
+class LoRAUpdate(nn.Module):
+    """One LoRA's update of one linear layer: factor * up @ down, with factor = scale * alpha / rank."""
+
+    def __init__(self, name: str, lora: LayerLoRA, scale: float, like: Tensor):
+        super().__init__()
+        self.name = name
+        self.scale = scale
+        self.alpha = lora.alpha
+        self.fused = False
+        # In the layer's dtype and on its device, like the weight it updates.
+        self.register_buffer("down", lora.down.to(like.device, like.dtype), persistent=False)  # [rank, in]
+        self.register_buffer("up", lora.up.to(like.device, like.dtype), persistent=False)  # [out, rank]
+
+    @property
+    def factor(self) -> float:
+        return self.scale * self.alpha / self.down.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The update of the layer's output for its input x [..., in] -> [..., out]."""
+        return F.linear(F.linear(x, self.down), self.up) * self.factor  # [..., rank] -> [..., out]
+
+    def delta(self) -> Tensor:
+        """The update of the weight [out, in], in fp32."""
+        return (self.up.float() @ self.down.float()) * self.factor
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer carrying LoRAs: the same object, Parameters and state dict as before, plus its updates.
+
+    A layer becomes one in place (its class is swapped) and turns back into a plain nn.Linear when its last LoRA
+    goes. A class and not a forward hook, because torch.compile guards on a module's class but not on hooks added
+    after it compiled: a hook would be silently skipped by blocks compiled before the LoRA came.
+    """
+
+    loras: nn.ModuleList  # LoRAUpdate, in load order
+    original: Tensor | None  # the weight before any fusing (on the CPU), while anything is fused
+
+    @classmethod
+    def convert(cls, linear: nn.Linear) -> "LoRALinear":
+        linear.__class__ = cls
+        linear.loras = nn.ModuleList()
+        linear.original = None
+        return linear
+
+    def revert(self) -> None:
+        del self.loras, self.original
+        self.__class__ = nn.Linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        for update in self.loras:
+            if not update.fused:
+                out = out + update(x)
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Set the weight to the original plus every fused update (summed in fp32, cast once), or back to the
+        original itself when nothing is fused."""
+        fused = [update.delta() for update in self.loras if update.fused]
+        if self.original is None:
+            # The merge below makes a new tensor, so on the CPU the original needs no copy (and a memory-mapped
+            # one is never written to).
+            self.original = self.weight.detach().to("cpu")
+        original = self.original.to(self.weight.device)
+        if fused:
+            self.weight.data = (original.float() + sum(fused)).to(self.weight.dtype)
+        else:
+            self.weight.data = original
+            self.original = None
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    """Every linear layer of the model that carries a LoRA."""
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def lora_names(model: nn.Module) -> list[str]:
+    """The names of the LoRAs on the model, sorted."""
+    return sorted({update.name for layer in lora_layers(model) for update in layer.loras})
+
+
+# ---- what the pipeline calls -----------------------------------------------------------------------------------
+
+
+def load_lora(model: nn.Module, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+    """Read a LoRA file and add it to the model, unfused; -> its name (by default the file's stem)."""
+    return add_lora(model, read_lora(path), scale, name or Path(path).stem, source=str(path))
+
+
+def add_lora(model: nn.Module, state_dict: dict[str, Tensor], scale: float, name: str, source: str = "the LoRA") -> str:
+    """Add a LoRA state dict to the model, unfused, under `name`; everything is checked before anything changes."""
+    if name in lora_names(model):
+        raise LoRAError(f"a LoRA named {name!r} is already loaded: unload it first, or give this one another name")
+    check_scale(scale)
+    for path, layer_lora in parse_lora(state_dict, model, source).items():
+        linear = model.get_submodule(path)
+        if not isinstance(linear, LoRALinear):
+            linear = LoRALinear.convert(linear)
+        linear.loras.append(LoRAUpdate(name, layer_lora, scale, like=linear.weight))
+    return name
+
+
+def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
+    """Change a loaded LoRA's scale: at once when unfused, by merging again from the original weights when fused."""
+    check_loaded(model, name)
+    check_scale(scale)
+    for layer in lora_layers(model):
+        for update in layer.loras:
+            if update.name == name:
+                update.scale = scale
+                if update.fused:
+                    layer.merge()
+
+
+def fuse_lora(model: nn.Module, name: str | None = None) -> None:
+    """Merge one loaded LoRA (or all) into the weights; it stays loaded (its scale can still change)."""
+    if name is not None:
+        check_loaded(model, name)
+    for layer in lora_layers(model):
+        chosen = [u for u in layer.loras if not u.fused and name in (None, u.name)]
+        for update in chosen:
+            update.fused = True
+        if chosen:
+            layer.merge()
+
+
+def unload_lora(model: nn.Module, name: str | None = None) -> None:
+    """Remove one LoRA (or all); with none left on a layer, its weight is the original again, bit for bit."""
+    if name is not None:
+        check_loaded(model, name)
+    for layer in lora_layers(model):
+        removed = [i for i, update in enumerate(layer.loras) if name in (None, update.name)]
+        was_fused = any(layer.loras[i].fused for i in removed)
+        for i in reversed(removed):
+            del layer.loras[i]
+        if was_fused:
+            layer.merge()
+        if len(layer.loras) == 0:
+            layer.revert()
+
+
+def check_loaded(model: nn.Module, name: str) -> None:
+    loaded = lora_names(model)
+    if name not in loaded:
+        raise LoRAError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(loaded) or 'none'})")
+
+
+def check_scale(scale: float) -> None:
+    if not math.isfinite(scale):
+        raise LoRAError(f"a LoRA scale must be a finite number, got {scale}")

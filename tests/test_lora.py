@@ -1,0 +1,395 @@
+"""LoRA against the reference transformer with the same update written into its weights (W + scale * alpha / rank *
+B @ A, every weight randomised): every key format, ranks 1/4/16, every kind of linear layer, fused and unfused;
+scales, stacking, bit-exact unloading, bad files that change nothing, half precision, the pipeline methods and
+`sample.py --lora` end to end."""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+import sample
+from mirage.loading import read_safetensors
+from mirage.lora import LoRAError, add_lora, fuse_lora, load_lora, lora_names, set_lora_scale, unload_lora
+from mirage.pipeline import MiragePipeline
+from tests.parity import assert_parity, max_rel_err
+from tests.test_transformer import EXTRAS_TINY, inputs, make_pair, ref_forward
+
+REPO = Path(__file__).resolve().parent.parent
+FORMATS = ("peft", "peft_prefixed", "trainer", "original", "kohya")
+# The original training codebase's names of the attention layers, as ../shared/REFERENCE.md lists them.
+ORIGINAL_NAMES = {
+    ".attention.img_qkv_proj": ".img_qkv_proj",
+    ".attention.txt_kv_proj": ".txt_kv_proj",
+    ".attention.to_out.0": ".attn_out",
+}
+
+
+# ---- building LoRAs the way each format spells them --------------------------------------------------------------
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def random_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> dict:
+    """layer -> (down [rank, in], up [out, rank], alpha): alpha is 0.5 or 1.5 x rank, or absent (None) every third
+    layer. Sized so that each update is about as large as the weight it changes."""
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for i, (layer, (out_features, in_features)) in enumerate(shapes.items()):
+        down = torch.randn(rank, in_features, generator=g) / in_features**0.5
+        up = torch.randn(out_features, rank, generator=g) / rank**0.5
+        lora[layer] = (down, up, None if i % 3 == 0 else rank * (0.5, 1.5)[i % 2])
+    return lora
+
+
+def spell(layer: str, style: str) -> tuple[str, str, str]:
+    """The keys of down, up and alpha of one layer in one format."""
+    if style == "kohya":
+        stem = "lora_unet_" + layer.replace(".", "_")
+        return f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"
+    if style == "original":
+        for diffusers_name, original_name in ORIGINAL_NAMES.items():
+            layer = layer.replace(diffusers_name, original_name)
+    prefix = {"peft_prefixed": "transformer.", "trainer": "diffusion_model."}.get(style, "")
+    return f"{prefix}{layer}.lora_A.weight", f"{prefix}{layer}.lora_B.weight", f"{prefix}{layer}.alpha"
+
+
+def state_dict_of(lora: dict, style: str) -> dict[str, torch.Tensor]:
+    state = {}
+    for layer, (down, up, alpha) in lora.items():
+        down_key, up_key, alpha_key = spell(layer, style)
+        state[down_key], state[up_key] = down, up
+        if alpha is not None:
+            state[alpha_key] = torch.tensor(alpha)
+    return state
+
+
+def delta(lora: dict, layer: str, scale: float) -> torch.Tensor:
+    """The reference's update of one weight, fp32: up @ down * scale * alpha / rank (alpha = rank when absent)."""
+    down, up, alpha = lora[layer]
+    rank = down.shape[0]
+    return up @ down * (scale * (rank if alpha is None else alpha) / rank)
+
+
+@torch.no_grad()
+def apply_to_reference(ref: nn.Module, lora: dict, scale: float) -> None:
+    for layer in lora:
+        ref.get_submodule(layer).weight += delta(lora, layer, scale)
+
+
+# ---- the transformer against the reference -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Ours and the reference (EXTRAS_TINY: bottleneck img_in and resolution embedder too), inputs, our output."""
+    ours, ref = make_pair(EXTRAS_TINY, seed=7)
+    x = inputs(EXTRAS_TINY)
+    with torch.no_grad():
+        return ours, ref, x, run(ours, x)
+
+
+def run(model, x) -> torch.Tensor:
+    latents, sigma, text, mask = x
+    return model(latents.to(model.dtype), sigma, model.encode_text(text.to(model.dtype), mask))
+
+
+def targets(model: nn.Module, *words: str) -> dict[str, tuple[int, int]]:
+    """The linear layers whose path contains one of `words` (all of them with none)."""
+    return {k: v for k, v in linear_shapes(model).items() if not words or any(w in k for w in words)}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("rank", [1, 4, 16])
+@pytest.mark.parametrize("style", FORMATS)
+@torch.no_grad()
+def test_parity_every_format_rank_and_mode(pair, tmp_path, style, rank, fused):
+    ours, ref, x, base = copy.deepcopy(pair)
+    # Every linear layer: image QKV, text KV, attention out, gate/up/down, modulation, final layer, embedders.
+    lora = random_lora(targets(ours), rank, seed=rank)
+    path = tmp_path / f"{style}.safetensors"
+    save_file(state_dict_of(lora, style), path)
+    assert load_lora(ours, path, scale=0.8) == style
+    if fused:
+        fuse_lora(ours)
+    apply_to_reference(ref, lora, 0.8)
+    expected = ref_forward(ref, *x)
+    assert max_rel_err(expected, base) > 0.1  # the LoRA changes the output
+    assert_parity(run(ours, x), expected)
+
+
+@torch.no_grad()
+def test_scale_changes_without_reloading(pair):
+    ours, ref, x, base = copy.deepcopy(pair)
+    lora = random_lora(targets(ours), 4, seed=11)
+    add_lora(ours, state_dict_of(lora, "peft"), scale=1.0, name="style")
+    for scale, fuse in [(0.3, False), (-1.2, False), (0.5, True), (2.0, True)]:
+        if fuse:
+            fuse_lora(ours, "style")
+        set_lora_scale(ours, "style", scale)
+        scaled = copy.deepcopy(ref)
+        apply_to_reference(scaled, lora, scale)
+        assert_parity(run(ours, x), ref_forward(scaled, *x))
+    set_lora_scale(ours, "style", 0.0)
+    assert torch.equal(run(ours, x), base)
+
+
+@pytest.mark.parametrize("fuse", [(), ("a",), ("b",), ("a", "b")], ids=["unfused", "a-fused", "b-fused", "fused"])
+@torch.no_grad()
+def test_two_stacked_loras(pair, fuse):
+    ours, ref, x, _ = copy.deepcopy(pair)
+    # Overlapping targets (the attention projections), different formats, ranks and scales.
+    lora_a = random_lora(targets(ours, "attention", "_in", "embedder"), 4, seed=1)
+    lora_b = random_lora(targets(ours, "proj", "modulation", "final_layer"), 16, seed=2)
+    add_lora(ours, state_dict_of(lora_a, "kohya"), 0.7, name="a")
+    add_lora(ours, state_dict_of(lora_b, "trainer"), -0.4, name="b")
+    for name in fuse:
+        fuse_lora(ours, name)
+    assert lora_names(ours) == ["a", "b"]
+    apply_to_reference(ref, lora_a, 0.7)
+    apply_to_reference(ref, lora_b, -0.4)
+    assert_parity(run(ours, x), ref_forward(ref, *x))
+
+
+@torch.no_grad()
+def test_unload_restores_every_bit(pair):
+    ours, _, x, base = copy.deepcopy(pair)
+    only_b = copy.deepcopy(ours)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    lora_a = random_lora(targets(ours), 4, seed=3)
+    lora_b = random_lora(targets(ours, "blocks.1"), 1, seed=4)
+    add_lora(ours, state_dict_of(lora_a, "original"), 0.9, name="a")
+    add_lora(ours, state_dict_of(lora_b, "peft"), 1.3, name="b")
+    fuse_lora(ours)
+    set_lora_scale(ours, "a", 0.2)
+    assert list(ours.state_dict()) == list(before)  # LoRA tensors never enter the state dict
+    assert not torch.equal(ours.txt_in.weight, before["txt_in.weight"])
+
+    # With "a" gone, the weights are exactly those of "b" fused alone.
+    unload_lora(ours, "a")
+    add_lora(only_b, state_dict_of(lora_b, "peft"), 1.3, name="b")
+    fuse_lora(only_b)
+    assert all(torch.equal(v, only_b.state_dict()[k]) for k, v in ours.state_dict().items())
+
+    unload_lora(ours)
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    assert torch.equal(run(ours, x), base)
+    assert lora_names(ours) == [] and not any("lora" in name for name, _ in ours.named_modules())
+    assert all(type(m) is nn.Linear for m in ours.modules() if isinstance(m, nn.Linear))  # plain layers again
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_merges_in_fp32(pair, dtype):
+    ours, ref, x, _ = copy.deepcopy(pair)
+    ours = ours.to(dtype)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    lora = random_lora(targets(ours), 4, seed=5)
+    add_lora(ours, state_dict_of(lora, "kohya"), 0.8, name="half")
+    assert all(b.dtype == dtype for name, b in ours.named_buffers() if "lora" in name)
+    unfused = run(ours, x)
+    fuse_lora(ours)
+    fused = run(ours, x)
+    apply_to_reference(ref, lora, 0.8)
+    expected = ref_forward(ref, *x)
+    for out in (unfused, fused):
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert max_rel_err(out.float(), expected) < 0.05
+    layer = "blocks.0.attention.img_qkv_proj"
+    down, up, alpha = lora[layer]
+    half_lora = {layer: (down.to(dtype).float(), up.to(dtype).float(), alpha)}
+    merged = (before[f"{layer}.weight"].float() + delta(half_lora, layer, 0.8)).to(dtype)  # fp32 sum, one cast
+    assert torch.equal(ours.get_submodule(layer).weight, merged)
+    unload_lora(ours)
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+
+
+@torch.no_grad()
+def test_lora_tensors_follow_the_model():
+    ours, _ = make_pair(EXTRAS_TINY)
+    add_lora(ours, state_dict_of(random_lora(targets(ours), 4, seed=6), "peft"), 1.0, name="moving")
+    ours.to(torch.float64)  # what .to(device) does to them too, as offloading moves the model
+    assert all(b.dtype == torch.float64 for name, b in ours.named_buffers() if "lora" in name)
+
+
+@torch.no_grad()
+def test_blocks_compiled_before_the_lora_see_it(pair):
+    ours, ref, x, base = copy.deepcopy(pair)
+    ours.blocks[1].compile(backend="eager")  # what torch.compile traces and guards is the point, not codegen
+    assert torch.equal(run(ours, x), base)
+    lora = random_lora(targets(ours, "blocks.1"), 4, seed=12)
+    add_lora(ours, state_dict_of(lora, "peft"), 0.6, name="late")
+    apply_to_reference(ref, lora, 0.6)
+    assert_parity(run(ours, x), ref_forward(ref, *x))
+    unload_lora(ours)
+    assert torch.equal(run(ours, x), base)
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+
+Q = "blocks.0.attention.img_qkv_proj"
+
+
+def bad_inputs(good: dict[str, torch.Tensor]):
+    """(id, bad state dict, the key the error must name)."""
+    a, b, alpha = good[f"{Q}.lora_A.weight"], good[f"{Q}.lora_B.weight"], f"{Q}.alpha"
+    without_b = {k: v for k, v in good.items() if k != f"{Q}.lora_B.weight"}
+    return [
+        ("unknown-part", {**good, f"{Q}.lora_C.weight": a}, f"{Q}.lora_C.weight"),
+        ("unknown-format", {**good, "blocks.0.gate_proj.hada_w1": a}, "blocks.0.gate_proj.hada_w1"),
+        ("mixed-formats", {**good, "lora_unet_blocks_0_gate_proj.lora_down.weight": a}, "lora_unet_blocks_0_gate_proj"),
+        ("missing-layer", {**good, "blocks.2.gate_proj.lora_A.weight": a}, "blocks.2.gate_proj.lora_A.weight"),
+        ("not-linear", {**good, "blocks.0.attention.norm_q.lora_A.weight": a}, "blocks.0.attention.norm_q.lora_A"),
+        ("kohya-unknown", {"lora_unet_blocks_0_attention_qkv.lora_down.weight": a}, "lora_unet_blocks_0_attention_qkv"),
+        ("missing-up", without_b, f"{Q}.lora_A.weight"),
+        ("rank", {**good, f"{Q}.lora_B.weight": b[:, :3]}, f"{Q}.lora_B.weight"),
+        ("in-features", {**good, f"{Q}.lora_A.weight": a[:, :-1]}, f"{Q}.lora_A.weight"),
+        ("out-features", {**good, f"{Q}.lora_B.weight": b[:-1]}, f"{Q}.lora_B.weight"),
+        ("not-a-matrix", {**good, f"{Q}.lora_A.weight": a[None]}, f"{Q}.lora_A.weight"),
+        ("alpha-shape", {**good, alpha: torch.ones(2)}, alpha),
+        ("alpha-inf", {**good, alpha: torch.tensor(float("inf"))}, alpha),
+        ("nan", {**good, f"{Q}.lora_B.weight": torch.full_like(b, float("nan"))}, f"{Q}.lora_B.weight"),
+        ("integer", {**good, f"{Q}.lora_A.weight": a.int()}, f"{Q}.lora_A.weight"),
+        ("two-spellings", {**good, "blocks.0.img_qkv_proj.lora_A.weight": a}, "blocks.0.img_qkv_proj.lora_A.weight"),
+        ("empty", {}, "no tensors"),
+    ]
+
+
+@torch.no_grad()
+def test_bad_input_raises_one_line_naming_the_key_and_changes_nothing(pair):
+    ours, _, x, _ = copy.deepcopy(pair)
+    add_lora(ours, state_dict_of(random_lora(targets(ours, "blocks.1"), 4, seed=8), "peft"), 0.5, name="fused")
+    fuse_lora(ours)
+    add_lora(ours, state_dict_of(random_lora(targets(ours, "_in"), 4, seed=9), "peft"), 0.5, name="unfused")
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    base = run(ours, x)
+    good = state_dict_of(random_lora(targets(ours, Q, "gate_proj"), 4, seed=10), "peft")
+    cases = bad_inputs(good)
+    assert len({case[0] for case in cases}) == len(cases)
+    for case, state, key in cases:
+        with pytest.raises(LoRAError) as err:
+            add_lora(ours, state, 1.0, name=case)
+        assert key in str(err.value) and "\n" not in str(err.value), case
+    for bad_call, words in [
+        (lambda: add_lora(ours, good, 1.0, name="fused"), "already loaded"),
+        (lambda: add_lora(ours, good, float("nan"), name="nan"), "finite"),
+        (lambda: set_lora_scale(ours, "nothing", 1.0), "nothing"),
+        (lambda: fuse_lora(ours, "nothing"), "nothing"),
+        (lambda: unload_lora(ours, "nothing"), "nothing"),
+    ]:
+        with pytest.raises(LoRAError, match=words):
+            bad_call()
+    assert lora_names(ours) == ["fused", "unfused"]  # sorted
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    assert torch.equal(run(ours, x), base)
+
+
+def test_bad_files(tmp_path):
+    ours, _ = make_pair(EXTRAS_TINY)
+    with pytest.raises(LoRAError, match="does not exist"):
+        load_lora(ours, tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00not safetensors")
+    with pytest.raises(LoRAError, match="garbage.safetensors is not a readable safetensors file"):
+        load_lora(ours, garbage)
+    assert lora_names(ours) == []
+
+
+# ---- the pipeline and sample.py ------------------------------------------------------------------------------------
+
+
+def transformer_lora(folder: Path, rank: int = 4, seed: int = 0) -> dict:
+    """A random LoRA on the attention, MLP and final layers of a converted checkpoint's transformer."""
+    weights = read_safetensors(folder / "transformer.safetensors")
+    shapes = {k.removesuffix(".weight"): v.shape for k, v in weights.items() if k.endswith(".weight") and v.ndim == 2}
+    return random_lora({k: v for k, v in shapes.items() if "proj" in k or "to_out" in k or "final" in k}, rank, seed)
+
+
+@torch.no_grad()
+def test_pipeline_methods(mirage_flux, tmp_path):
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
+    path = tmp_path / "detail.safetensors"
+    save_file(state_dict_of(transformer_lora(mirage_flux), "kohya"), path)
+
+    def latents():
+        return pipe(
+            "a red fox", seed=1, num_inference_steps=2, height=64, width=64, use_resolution_binning=False,
+            output_type="latent", progress=False,
+        )  # fmt: skip
+
+    base = latents()
+    assert pipe.load_lora(path, scale=0.6) == "detail"
+    unfused = latents()
+    pipe.fuse_lora()
+    assert max_rel_err(unfused, base) > 0.05
+    assert_parity(latents(), unfused, tol=1e-4)
+    pipe.set_lora_scale("detail", 0.0)  # merged again from the original weights: W + 0 is W
+    assert torch.equal(latents(), base)
+    pipe.unload_lora()
+    assert torch.equal(latents(), base)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"lora_unet_blocks_0_gate.lora_down.weight": torch.ones(1, 1)}, bad)
+    with pytest.raises(LoRAError, match="lora_unet_blocks_0_gate"):
+        pipe.load_lora(bad)
+    assert torch.equal(latents(), base)
+
+
+def test_sample_py_lora_equals_the_fused_checkpoint(mirage_flux, tmp_path):
+    lora = transformer_lora(mirage_flux, seed=1)
+    lora_path = tmp_path / "style.safetensors"
+    save_file(state_dict_of(lora, "trainer"), lora_path)
+    fused = tmp_path / "fused"
+    shutil.copytree(mirage_flux, fused)
+    weights = read_safetensors(mirage_flux / "transformer.safetensors")
+    for layer in lora:
+        weights[f"{layer}.weight"] = weights[f"{layer}.weight"] + delta(lora, layer, 0.8)
+    save_file(weights, fused / "transformer.safetensors")
+
+    common = ["--prompt", "a red fox", "--steps", "2", "--seed", "3", "--height", "64", "--width", "64", "--no-binning"]
+    runs = {
+        "plain": ["--weights", str(mirage_flux)],
+        "lora": ["--weights", str(mirage_flux), "--lora", f"{lora_path}:0.8"],
+        "fused": ["--weights", str(fused)],
+    }
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "sample.py", *common, *args, "--output", str(tmp_path / f"{name}.png")],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},  # three runs at once share the cores
+        )
+        for name, args in runs.items()
+    }  # fmt: skip
+    results = {name: p.communicate(timeout=120) + (p.returncode,) for name, p in processes.items()}
+    for name, (_, stderr, code) in results.items():
+        assert code == 0, stderr
+    images = {name: np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16) for name in runs}
+    assert np.abs(images["lora"] - images["plain"]).mean() > 2
+    assert np.abs(images["lora"] - images["fused"]).max() <= 1  # fused and unfused differ only in fp32 rounding
+    settings = json.loads(Image.open(tmp_path / "lora.png").text["mirage"])
+    assert settings["lora"] == [{"path": str(lora_path), "scale": 0.8}]
+
+
+def test_sample_py_rejects_a_bad_lora_before_sampling(mirage_flux, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    save_file({"diffusion_model.blocks.0.attention.nope.lora_A.weight": torch.ones(1, 1)}, bad)
+    args = ["--weights", str(mirage_flux), "--prompt", "a red fox", "--output", str(tmp_path / "out.png")]
+    with pytest.raises(LoRAError, match="diffusion_model.blocks.0.attention.nope.lora_A.weight") as err:
+        sample.main([*args, "--lora", f"{bad}:0.5"])
+    assert "\n" not in str(err.value) and not (tmp_path / "out.png").exists()
+    for spec in (f"{tmp_path / 'missing.safetensors'}:0.5", f"{bad}:nan"):
+        with pytest.raises(ValueError, match="--lora"):
+            sample.main([*args, "--lora", spec])
+    assert sample.lora_spec("C:/loras/x.safetensors") == (Path("C:/loras/x.safetensors"), 1.0)
+    assert sample.lora_spec("x.safetensors:-0.5") == (Path("x.safetensors"), -0.5)
