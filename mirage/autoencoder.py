@@ -1,4 +1,4 @@
-"""Latents <-> pixels for either autoencoder: PRX's scale and shift, the pixel range, tiling, dtype.
+"""Latents <-> pixels for either autoencoder: PRX's scale and shift, the pixel range, tiling.
 
 Both VAEs (`mirage.vae_flux.FluxVAE`, `mirage.vae_dcae.DCAE`) expose `encode(images in [-1, 1]) -> raw
 latents`, `decode(raw latents) -> images in about [-1, 1]`, `spatial_compression` (f),
@@ -16,14 +16,11 @@ same property). Tiling switches on by itself when the latent grid holds more cel
 Shapes: B batch, C latent channels, H/W image height/width, h/w latent grid (H/f, W/f).
 """
 
-import logging
 import math
 from typing import Callable
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 # Tile side in pixels (a tile is tile_pixels / f latent cells square), and the automatic threshold:
 # images above this area are tiled. Neighbouring tiles share at least a quarter of a tile's side.
@@ -76,36 +73,6 @@ def images_to_latents(
     else:
         raw = vae.encode(pixels)  # [B, C, h, w]
     return (raw - vae.config.shift_factor) * vae.config.scaling_factor
-
-
-def vae_dtype(vae_type: type, requested: torch.dtype, device: str | torch.device) -> torch.dtype:
-    """The dtype to run a VAE class in when the pipeline asks for `requested` on `device`; logs one line on a change.
-
-    - float16 for a VAE whose activations overflow it (`fp16_safe = False`) becomes bfloat16, or float32
-      where the device has no native bfloat16 kernels.
-    - bfloat16 on a device without native bfloat16 kernels becomes float32: there (e.g. AVX2-only CPUs)
-      PyTorch runs bf16 convolutions on a reference path, measured ~100x slower than fp32.
-    Every other request is kept.
-    """
-    device = torch.device(device)
-    if requested == torch.float16 and not vae_type.fp16_safe:
-        dtype = torch.bfloat16 if _native_bf16(device) else torch.float32
-        reason = "it overflows float16"
-    elif requested == torch.bfloat16 and not _native_bf16(device):
-        dtype, reason = torch.float32, f"no native bfloat16 kernels on this {device.type}"
-    else:
-        return requested
-    log.warning("running %s in %s: %s", vae_type.__name__, str(dtype).removeprefix("torch."), reason)
-    return dtype
-
-
-def _native_bf16(device: torch.device) -> bool:
-    """Whether convolutions in bfloat16 run on fast native kernels on this device."""
-    if device.type == "cpu":
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 path: AVX512-BF16 or AMX
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and later
-    return False
 
 
 def _param_dtype(vae: nn.Module) -> torch.dtype:

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import lora, memory, precision
+from . import lora, memory
 from .autoencoder import decode_latents
 from .configs import MirageConfig
 from .loading import CheckpointError, build_model, read_config, read_safetensors
+from .precision import run_dtype
 from .prompt_cleaning import basic_clean, clean_prompt
 from .sampling import denoise, flow_match_sigmas
 from .text_encoder import T5GemmaEncoder
@@ -149,7 +150,8 @@ class MiragePipeline:
                 raise CheckpointError(f"{file} is missing: convert the checkpoint again (python convert_weights.py)")
         device = torch.device(device) if device is not None else default_device()
         tokenizer = GemmaTokenizer(folder / "tokenizer.model", config.tokenizer)
-        return cls(folder, config, tokenizer, device, dtype or default_dtype(device), offload, keep_text_encoder, compile)
+        dtype = run_dtype(MirageTransformer, dtype or default_dtype(device), device)
+        return cls(folder, config, tokenizer, device, dtype, offload, keep_text_encoder, compile)
 
     def model(self, name: str) -> nn.Module:
         """The transformer, text encoder or VAE, read from the folder the first time it is asked for."""
@@ -161,8 +163,8 @@ class MiragePipeline:
         config = self.config
         make, requested = {
             "transformer": (lambda: MirageTransformer(config.transformer), self.dtype),
-            "text_encoder": (lambda: T5GemmaEncoder(config.text_encoder), precision.text_encoder_dtype(self.dtype, self.device)),
-            "vae": (lambda: VAE_CLASSES[config.vae_type](config.vae), precision.vae_dtype(config.vae_type, self.dtype, self.device)),
+            "text_encoder": (lambda: T5GemmaEncoder(config.text_encoder), run_dtype(T5GemmaEncoder, self.dtype, self.device)),
+            "vae": (lambda: VAE_CLASSES[config.vae_type](config.vae), run_dtype(VAE_CLASSES[config.vae_type], self.dtype, self.device)),
         }[name]  # fmt: skip
         path = self.folder / f"{name}.safetensors"
         home = torch.device("cpu") if self.offload else self.device

@@ -1,11 +1,11 @@
 """Which dtype each model runs in: the pipeline's, except where that is known to go wrong.
 
-- float16 is never used for the text encoder or the VAEs: Gemma-2 style encoders and the Flux VAE overflow
-  its 65504 range with trained weights, and Photoroom runs DC-AE in fp32 (see each module's docstring for
-  the measurements). They run in bfloat16 instead, which has float32's range at float16's size; float32
-  where the device has no native bfloat16. The transformer runs in float16 when asked.
-- bfloat16 convolutions on a CPU without native bfloat16 (AVX2-only) take a reference path ~100x slower
-  than float32, so the VAEs run in float32 there.
+- float16 is not used for a model whose class says `fp16_safe = False`: the T5Gemma encoder (Gemma-2
+  activations) and both VAEs (see each module's docstring for the evidence). They run in bfloat16,
+  float32's range at float16's size, or in float32 where the device has no native bfloat16. The
+  transformer runs in float16 when asked.
+- bfloat16 on a device without native bfloat16 kernels becomes float32: there (AVX2-only CPUs) PyTorch
+  runs bf16 matrix products and convolutions on reference paths, measured 100-200x slower than fp32.
 Every change is logged in one line.
 """
 
@@ -16,33 +16,24 @@ import torch
 log = logging.getLogger("mirage")
 
 
+def run_dtype(model_class: type, requested: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The dtype to run `model_class` in when the pipeline asks for `requested` on `device`."""
+    device = torch.device(device)
+    if requested == torch.float16 and not model_class.fp16_safe:
+        dtype = torch.bfloat16 if native_bf16(device) else torch.float32
+        reason = "its activations overflow float16"
+    elif requested == torch.bfloat16 and not native_bf16(device):
+        dtype, reason = torch.float32, f"no native bfloat16 kernels on this {device.type}"
+    else:
+        return requested
+    log.warning("running %s in %s: %s", model_class.__name__, str(dtype).removeprefix("torch."), reason)
+    return dtype
+
+
 def native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+    """Whether bfloat16 matrix products and convolutions run on fast native kernels on this device."""
     if device.type == "cpu":
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 path: AVX512-BF16 or AMX
-    return True
-
-
-def text_encoder_dtype(requested: torch.dtype, device: torch.device) -> torch.dtype:
-    if requested != torch.float16:
-        return requested
-    return _changed("text encoder", requested, _wide_half(device), "Gemma-2 activations overflow float16")
-
-
-def vae_dtype(vae_type: str, requested: torch.dtype, device: torch.device) -> torch.dtype:
-    if requested == torch.float16:
-        return _changed(f"{vae_type} VAE", requested, _wide_half(device), "its activations overflow float16")
-    if requested == torch.bfloat16 and device.type == "cpu" and not native_bf16(device):
-        return _changed(f"{vae_type} VAE", requested, torch.float32, "this CPU has no native bfloat16 convolutions")
-    return requested
-
-
-def _wide_half(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if native_bf16(device) else torch.float32
-
-
-def _changed(what: str, requested: torch.dtype, dtype: torch.dtype, why: str) -> torch.dtype:
-    name = str(dtype).removeprefix("torch.")
-    log.warning("running the %s in %s, not %s: %s", what, name, str(requested).removeprefix("torch."), why)
-    return dtype
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and later
+    return device.type == "mps"

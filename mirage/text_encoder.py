@@ -21,8 +21,8 @@ with the same sqrt(D) embeddings and sandwich norms, exceeds float16's 65504 (tr
 and Gemma-2 27B is documented to go wrong in float16. Random weights cannot show it (full size, random
 weights: largest activation 37, float16 finite) and the real ones were not at hand, but the choice costs
 nothing: bfloat16 has float32's range and float16's memory, and it is the dtype Photoroom recommends and
-names its text tower after ("t5gemma2b-256-bf16"). So `compute_dtype` answers bfloat16 when float16 is
-asked (float32 on a GPU without native bfloat16), and the caller logs `FLOAT16_NOTE` once.
+names its text tower after ("t5gemma2b-256-bf16"). So the class says `fp16_safe = False`, and
+`mirage.precision.run_dtype` runs it in bfloat16 when float16 is asked (float32 without native bfloat16).
 
 Shapes: B batch, L tokens, D width (hidden_size), I MLP width, H query heads, Hkv key/value heads,
 G = H / Hkv query heads per key/value head, Dh head dim.
@@ -34,18 +34,6 @@ from einops import rearrange
 from torch import nn
 
 from .configs import SLIDING_ATTENTION, TextEncoderConfig
-
-FLOAT16_NOTE = "text encoder: Gemma-2 activations overflow float16, running it in {dtype} instead"
-
-
-def compute_dtype(requested: torch.dtype, device: str | torch.device) -> torch.dtype:
-    """The dtype to run the encoder in when `requested` is asked for on `device` (see the module docstring)."""
-    if requested != torch.float16:
-        return requested
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.float32
-    return torch.bfloat16
 
 
 class RMSNorm(nn.Module):
@@ -163,6 +151,8 @@ class EncoderLayer(nn.Module):
 
 class T5GemmaEncoder(nn.Module):
     """Token ids -> last hidden state; parameter names are those of transformers' `T5GemmaEncoder`."""
+
+    fp16_safe = False  # see the module docstring; read by mirage.precision.run_dtype
 
     def __init__(self, config: TextEncoderConfig = TextEncoderConfig()):
         super().__init__()

@@ -40,7 +40,8 @@ class ChannelRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+        # weight and bias in place on the fresh product: no further full-size buffers
+        return x32.mul_(self.weight.float()[:, None, None]).add_(self.bias.float()[:, None, None]).to(x.dtype)
 
 
 class RunningBatchNorm(nn.BatchNorm2d):
@@ -56,7 +57,9 @@ def make_norm(kind: str, channels: int) -> nn.Module:
 
 
 def make_activation(kind: str) -> nn.Module:
-    return nn.SiLU() if kind == "silu" else nn.ReLU()
+    # In place: every activation here is applied to a temporary (a conv or norm output), and a fresh full-size
+    # buffer costs more in page faults (CPU) than the activation itself.
+    return nn.SiLU(inplace=True) if kind == "silu" else nn.ReLU(inplace=True)
 
 
 class ResBlock(nn.Module):
@@ -70,7 +73,7 @@ class ResBlock(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+        return self.norm(self.conv2(self.nonlinearity(self.conv1(x)))).add_(x)  # in place on the temporary
 
 
 class MultiscaleProjection(nn.Module):
@@ -149,9 +152,9 @@ class GLUMBConv(nn.Module):
         self.norm = ChannelRMSNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv_depth(F.silu(self.conv_inverted(x)))  # [B, 8C, h, w]
+        y = self.conv_depth(F.silu(self.conv_inverted(x), inplace=True))  # [B, 8C, h, w]
         y, gate = y.chunk(2, dim=1)  # [B, 4C, h, w] each
-        return x + self.norm(self.conv_point(y * F.silu(gate)))  # [B, C, h, w]
+        return self.norm(self.conv_point(y * F.silu(gate, inplace=True))).add_(x)  # [B, C, h, w]
 
 
 class EfficientViTBlock(nn.Module):
@@ -303,7 +306,7 @@ class DCAE(nn.Module):
     # Not run in float16 by its authors: Sana's model card loads its fp16 pipeline and then moves the
     # autoencoder to bf16, and Photoroom's PRX code runs DC-AE in fp32. Random full-size weights stay far
     # below fp16's 65504 (|activations| <= 190 at 1024 px), but that says little about the released ones.
-    # `mirage.autoencoder.vae_dtype` reads this to run it in bf16 (or fp32) when fp16 is asked for.
+    # `mirage.precision.run_dtype` reads this to run it in bf16 (or fp32) when fp16 is asked for.
     fp16_safe = False
 
     def __init__(self, config: DCAEConfig):

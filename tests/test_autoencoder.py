@@ -1,6 +1,5 @@
-"""Latents <-> pixels (mirage.autoencoder): PRXPipeline's conversions, tiling, and the VAE dtype policy."""
+"""Latents <-> pixels (mirage.autoencoder): PRXPipeline's conversions and tiling."""
 
-import logging
 from types import SimpleNamespace
 
 import pytest
@@ -10,11 +9,10 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import PixArtImageProcessor, VaeImageProcessor
 from torch import nn
 
-from mirage import autoencoder
-from mirage.autoencoder import TILE_PIXELS, decode_latents, images_to_latents, latents_to_images, vae_dtype
+from mirage.autoencoder import TILE_PIXELS, decode_latents, images_to_latents, latents_to_images
 from mirage.configs import FluxVAEConfig
 from mirage.vae_flux import FluxVAE
-from tests.parity import assert_parity, randomize_
+from parity import assert_parity, randomize_
 
 TINY = {"block_out_channels": (32, 48, 64), "norm_num_groups": 8, "layers_per_block": 1}  # f = 4
 
@@ -169,27 +167,3 @@ def test_tiling_switches_on_above_a_1024px_image():
 def test_tile_size_must_fit_the_compression():
     with pytest.raises(ValueError, match="tile_pixels"):
         latents_to_images(LocalVAE(32), torch.zeros(1, 4, 4, 4), tiled=True, tile_pixels=48)
-
-
-# ---- dtype policy ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_vae_dtype_policy(native_bf16, monkeypatch, caplog):
-    monkeypatch.setattr(autoencoder, "_native_bf16", lambda device: native_bf16)
-    half_fallback = torch.bfloat16 if native_bf16 else torch.float32
-    with caplog.at_level(logging.WARNING, logger="mirage.autoencoder"):
-        assert vae_dtype(FluxVAE, torch.float16, "cpu") == half_fallback
-        assert caplog.messages == [f"running FluxVAE in {str(half_fallback)[6:]}: it overflows float16"]
-        caplog.clear()
-        assert vae_dtype(FluxVAE, torch.float32, "cpu") == torch.float32
-        assert vae_dtype(LocalVAE, torch.float16, "cpu") == torch.float16  # an fp16-safe VAE keeps it
-        assert not caplog.messages
-        assert vae_dtype(FluxVAE, torch.bfloat16, "cpu") == (torch.bfloat16 if native_bf16 else torch.float32)
-        bf16_log = [] if native_bf16 else ["running FluxVAE in float32: no native bfloat16 kernels on this cpu"]
-        assert caplog.messages == bf16_log
-
-
-def test_native_bf16_is_known_per_device():
-    assert autoencoder._native_bf16(torch.device("meta")) is False
-    assert isinstance(autoencoder._native_bf16(torch.device("cpu")), bool)

@@ -22,7 +22,7 @@ import sample
 from mirage.loading import read_safetensors
 from mirage.lora import LoRAError, add_lora, fuse_lora, load_lora, lora_names, set_lora_scale, unload_lora
 from mirage.pipeline import MiragePipeline
-from tests.parity import assert_parity, max_rel_err
+from parity import assert_parity, max_rel_err
 from tests.test_transformer import EXTRAS_TINY, inputs, make_pair, ref_forward
 
 REPO = Path(__file__).resolve().parent.parent

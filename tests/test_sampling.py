@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
 
 from mirage.sampling import denoise, flow_match_sigmas
-from tests.parity import assert_parity
+from parity import assert_parity
 from tests.test_transformer import DCAE_TINY, FLUX_TINY, make_pair
 
 

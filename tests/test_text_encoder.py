@@ -15,7 +15,7 @@ from transformers.models.t5gemma.modeling_t5gemma import T5GemmaEncoder as RefEn
 from transformers.models.t5gemma.modeling_t5gemma import T5GemmaRotaryEmbedding as RefRotaryEmbedding
 
 from mirage.configs import FULL_ATTENTION, SLIDING_ATTENTION, TextEncoderConfig
-from mirage.text_encoder import FLOAT16_NOTE, T5GemmaEncoder, compute_dtype
+from mirage.text_encoder import T5GemmaEncoder
 
 S, F = SLIDING_ATTENTION, FULL_ATTENTION
 
@@ -216,16 +216,6 @@ def test_token_outputs_do_not_depend_on_padding():
                 out = ours(ids, mask)
                 for row, expected in enumerate(alone):
                     assert_parity(out[row][mask[row]], expected, tol=2e-5)
-
-
-# ---- dtype policy ---------------------------------------------------------------------------
-
-
-def test_float16_runs_in_bfloat16_and_says_so():
-    assert compute_dtype(torch.float16, "cpu") == torch.bfloat16
-    for dtype in (torch.float32, torch.bfloat16):
-        assert compute_dtype(dtype, "cpu") == dtype
-    assert "bfloat16" in FLOAT16_NOTE.format(dtype="bfloat16")
 
 
 def test_float16_weights_still_run():

@@ -11,7 +11,7 @@ from diffusers import PRXTransformer2DModel
 from mirage.configs import PRX_DCAE, PRX_FLUX, TransformerConfig
 from mirage.loading import build_model, read_safetensors
 from mirage.transformer import MirageTransformer, rope_table
-from tests.parity import assert_parity, max_rel_err, randomize_
+from parity import assert_parity, max_rel_err, randomize_
 
 FLUX_TINY = replace(PRX_FLUX, context_in_dim=48, hidden_size=64, num_heads=4, depth=2, axes_dim=(8, 8))
 DCAE_TINY = replace(FLUX_TINY, in_channels=32, patch_size=1)
@@ -122,7 +122,7 @@ def test_modulation_precomputed_for_a_schedule():
 
 def test_rope_table_is_fp32_and_cached():
     table = rope_table(3, 5, (8, 8), 10000, torch.device("cpu"))
-    assert table.dtype == torch.float32 and table.shape == (2, 15, 8)
+    assert table.dtype == torch.complex64 and table.shape == (15, 8)  # complex64: fp32 cos and sin
     assert rope_table(3, 5, (8, 8), 10000, torch.device("cpu")) is table
 
 
@@ -189,3 +189,67 @@ def test_bad_inputs_raise():
         ours.encode_text(text, mask[:, :5])
     with pytest.raises(ValueError, match="text_embeds"):
         ours.encode_text(text[..., :10], mask)
+
+
+# ---- speedups that must not change the result -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_complex_rope_equals_reference_rotation_at_full_size():
+    """One complex product per tensor rotates exactly like the reference's real 2x2 form, at the published head
+    split (axes 32 + 32) on a 512 px grid (32 x 32 patches)."""
+    from diffusers.models.transformers.transformer_prx import PRXEmbedND, get_image_ids
+    from diffusers.models.transformers.transformer_prx import apply_rope as ref_apply_rope
+
+    from mirage.transformer import apply_rope
+
+    h = w = 32
+    x = torch.randn(2, 28, h * w, 64, generator=torch.Generator().manual_seed(0))
+    ref_table = PRXEmbedND(dim=64, theta=10000, axes_dim=[32, 32])(get_image_ids(1, h, w, 1, torch.device("cpu")))
+    ours = apply_rope(x, rope_table(h, w, (32, 32), 10000, torch.device("cpu")))
+    assert_parity(ours, ref_apply_rope(x, ref_table), tol=1e-6)
+
+
+@torch.no_grad()
+def test_block_speedups_preserve_the_reference_block():
+    """addcmul residuals and the in-place MLP product: one block against diffusers' PRXBlock, fp32, tight bound."""
+    from diffusers.models.transformers.transformer_prx import PRXEmbedND, get_image_ids
+
+    ours, ref = make_pair(FLUX_TINY, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 24, 64, generator=g)
+    txt = torch.randn(2, 5, 64, generator=g)
+    vec = torch.randn(2, 64, generator=g)
+    rope_ref = PRXEmbedND(dim=16, theta=10000, axes_dim=[8, 8])(get_image_ids(2, 6, 4, 1, torch.device("cpu")))
+    expected = ref.blocks[0](x, txt, vec, rope_ref)
+    block = ours.blocks[0]
+    k, v = block.attention.text_kv(txt)
+    mod = block.modulation(vec)  # [6, 2, 1, D]
+    got = block(x, mod, k, v, rope_table(6, 4, (8, 8), 10000, torch.device("cpu")), None)
+    assert_parity(got, expected, tol=2e-6)
+
+
+@torch.no_grad()
+def test_bf16_is_as_close_to_fp32_as_the_reference_bf16():
+    """The observed bf16 bound: ours in bf16 stays as close to the fp32 result as diffusers in bf16 does."""
+    ours, ref = make_pair(FLUX_TINY, seed=9)
+    latents, sigma, text, mask = inputs(FLUX_TINY)
+    truth = ref_forward(ref, latents, sigma, text, mask)
+    ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+    ours_err = max_rel_err(ours(latents.bfloat16(), sigma, ours.encode_text(text.bfloat16(), mask)).float(), truth)
+    ref_err = max_rel_err(ref_forward(ref, latents.bfloat16(), sigma, text.bfloat16(), mask).float(), truth)
+    assert ours_err <= 1.25 * ref_err and ours_err < 0.03, (ours_err, ref_err)
+
+
+@torch.no_grad()
+def test_compiled_blocks_equal_eager():
+    from mirage.transformer import compile_blocks
+
+    ours, _ = make_pair(FLUX_TINY, seed=10)
+    latents, sigma, text, mask = inputs(FLUX_TINY)
+    context = ours.encode_text(text, mask)
+    eager = ours(latents, sigma, context)
+    keys = list(ours.state_dict())
+    assert compile_blocks(ours) is ours
+    assert list(ours.state_dict()) == keys  # names unchanged: loading and LoRA see the same model
+    assert max_rel_err(ours(latents, sigma, context), eager) <= 1e-6

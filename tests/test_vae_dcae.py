@@ -10,11 +10,10 @@ import torch
 from diffusers import AutoencoderDC
 
 from mirage import vae_dcae
-from mirage.autoencoder import vae_dtype
 from mirage.configs import DCAE_SANA_1_0, DCAE_SANA_1_1, DCAEConfig
 from mirage.loading import build_model
 from mirage.vae_dcae import DCAE
-from tests.parity import assert_parity, max_rel_err, randomize_
+from parity import assert_parity, max_rel_err, randomize_
 
 # mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers/config.json as published (no shortcut or head-activation
 # keys, downsample type spelled "Conv").
@@ -219,12 +218,6 @@ def test_half_precision_runs_close_to_fp32(dtype):
     assert max_rel_err(out.float(), ours.decode(latents)) < 5e-2
     images = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(6)) * 2 - 1
     assert max_rel_err(half.encode(images.to(dtype)).float(), ours.encode(images)) < 5e-2
-
-
-def test_fp16_requests_run_in_another_dtype():
-    assert DCAE.fp16_safe is False
-    assert vae_dtype(DCAE, torch.float16, "cpu") in (torch.bfloat16, torch.float32)
-    assert vae_dtype(DCAE, torch.float32, "cpu") == torch.float32
 
 
 def test_encode_rejects_sizes_off_the_grid():

@@ -1,0 +1,38 @@
+"""The dtype policy: float16 only for fp16-safe models, float32 where bfloat16 has no native kernels."""
+
+import logging
+
+import pytest
+import torch
+
+from mirage import precision
+from mirage.precision import run_dtype
+from mirage.text_encoder import T5GemmaEncoder
+from mirage.transformer import MirageTransformer
+from mirage.vae_dcae import DCAE
+from mirage.vae_flux import FluxVAE
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_policy(native_bf16, monkeypatch, caplog):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native_bf16)
+    half_fallback = torch.bfloat16 if native_bf16 else torch.float32
+    with caplog.at_level(logging.WARNING, logger="mirage"):
+        for model_class in (T5GemmaEncoder, FluxVAE, DCAE):
+            assert run_dtype(model_class, torch.float16, "cpu") == half_fallback
+            assert caplog.messages[-1] == (
+                f"running {model_class.__name__} in {str(half_fallback)[6:]}: its activations overflow float16"
+            )
+        caplog.clear()
+        assert run_dtype(MirageTransformer, torch.float16, "cpu") == torch.float16
+        for model_class in (MirageTransformer, T5GemmaEncoder, FluxVAE, DCAE):
+            assert run_dtype(model_class, torch.float32, "cpu") == torch.float32
+        assert not caplog.messages
+        assert run_dtype(FluxVAE, torch.bfloat16, "cpu") == (torch.bfloat16 if native_bf16 else torch.float32)
+        expected = [] if native_bf16 else ["running FluxVAE in float32: no native bfloat16 kernels on this cpu"]
+        assert caplog.messages == expected
+
+
+def test_native_bf16_is_known_per_device():
+    assert precision.native_bf16(torch.device("meta")) is False
+    assert isinstance(precision.native_bf16(torch.device("cpu")), bool)
