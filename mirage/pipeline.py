@@ -39,6 +39,7 @@ log = logging.getLogger("mirage")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 OFFLOAD_MODES = (None, "model", "sequential")
 COMPONENTS = ("transformer", "text_encoder", "vae")
+MODEL_CLASSES = {"transformer": MirageTransformer, "text_encoder": T5GemmaEncoder}
 VAE_CLASSES = {"flux": FluxVAE, "dc-ae": DCAE}
 
 # Aspect-ratio bins (height / width -> (height, width)) per training resolution: the shapes the model
@@ -160,15 +161,12 @@ class MiragePipeline:
         return self.models[name]
 
     def _load(self, name: str) -> nn.Module:
-        config = self.config
-        make, requested = {
-            "transformer": (lambda: MirageTransformer(config.transformer), self.dtype),
-            "text_encoder": (lambda: T5GemmaEncoder(config.text_encoder), run_dtype(T5GemmaEncoder, self.dtype, self.device)),
-            "vae": (lambda: VAE_CLASSES[config.vae_type](config.vae), run_dtype(VAE_CLASSES[config.vae_type], self.dtype, self.device)),
-        }[name]  # fmt: skip
+        model_class = VAE_CLASSES[self.config.vae_type] if name == "vae" else MODEL_CLASSES[name]
+        model_config = getattr(self.config, name)  # MirageConfig names its fields after the components
+        dtype = run_dtype(model_class, self.dtype, self.device)
         path = self.folder / f"{name}.safetensors"
         home = torch.device("cpu") if self.offload else self.device
-        model = build_model(make, read_safetensors(path), home, requested, source=str(path))
+        model = build_model(lambda: model_class(model_config), read_safetensors(path), home, dtype, source=str(path))
         if self.offload == "sequential":
             memory.stream_blocks(model, self.device)
         if self.compile and name == "transformer":
