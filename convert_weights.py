@@ -36,11 +36,8 @@ from mirage.configs import (
     TransformerConfig,
 )
 from mirage.loading import CheckpointError, check_state_dict, read_safetensors, rename_original_key
-from mirage.text_encoder import T5GemmaEncoder
+from mirage.pipeline import COMPONENTS, component
 from mirage.tokenizer import sentencepiece_model_from_tokenizer_json
-from mirage.transformer import MirageTransformer
-from mirage.vae_dcae import DCAE
-from mirage.vae_flux import FluxVAE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VAE_CLASS_NAMES = {"AutoencoderKL": "flux", "AutoencoderDC": "dc-ae"}
@@ -276,15 +273,10 @@ def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes]:
 
 def check_weights(config: MirageConfig, weights: dict[str, dict]) -> None:
     """Every tensor against the shapes the config implies (models built on the meta device: no memory)."""
-    vae_class = FluxVAE if config.vae_type == "flux" else DCAE
-    makers = {
-        "transformer": lambda: MirageTransformer(config.transformer),
-        "text_encoder": lambda: T5GemmaEncoder(config.text_encoder),
-        "vae": lambda: vae_class(config.vae),
-    }
-    for name, make in makers.items():
+    for name in COMPONENTS:
+        model_class, model_config = component(config, name)
         with torch.device("meta"):
-            model = make()
+            model = model_class(model_config)
         check_state_dict(model, weights[name], source=f"the {name} weights")
 
 

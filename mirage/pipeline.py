@@ -88,6 +88,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
+def component(config: MirageConfig, name: str) -> tuple[type[nn.Module], object]:
+    """The model class and config of a checkpoint component: "transformer", "text_encoder" or "vae"."""
+    model_class = VAE_CLASSES[config.vae_type] if name == "vae" else MODEL_CLASSES[name]
+    return model_class, getattr(config, name)  # MirageConfig names its fields after the components
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -161,8 +167,7 @@ class MiragePipeline:
         return self.models[name]
 
     def _load(self, name: str) -> nn.Module:
-        model_class = VAE_CLASSES[self.config.vae_type] if name == "vae" else MODEL_CLASSES[name]
-        model_config = getattr(self.config, name)  # MirageConfig names its fields after the components
+        model_class, model_config = component(self.config, name)
         dtype = run_dtype(model_class, self.dtype, self.device)
         path = self.folder / f"{name}.safetensors"
         home = torch.device("cpu") if self.offload else self.device
