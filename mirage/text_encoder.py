@@ -11,6 +11,9 @@ Deviations, none of which changes the fp32 result:
   RoPE, the scores, the soft-cap, the mask and the softmax all run in fp32; the reference does all but
   the softmax in the activation dtype, so in bf16 ours is the more precise of the two.
 - The query heads that share a key/value head are batched against it, never copying K and V per head.
+- Padding is never computed: the real tokens of all prompts are packed into one sequence, each attending
+  to its own prompt only, and scattered back to [B, L] at the end (zeros at padding, where the
+  reference leaves meaningless values).
 - Inference only: no dropout, no `inputs_embeds` or `position_ids` arguments (positions are 0..L-1
   whatever the padding, as in the reference).
 
@@ -24,8 +27,8 @@ nothing: bfloat16 has float32's range and float16's memory, and it is the dtype 
 names its text tower after ("t5gemma2b-256-bf16"). So the class says `fp16_safe = False`, and
 `mirage.precision.run_dtype` runs it in bfloat16 when float16 is asked (float32 without native bfloat16).
 
-Shapes: B batch, L tokens, D width (hidden_size), I MLP width, H query heads, Hkv key/value heads,
-G = H / Hkv query heads per key/value head, Dh head dim.
+Shapes: B batch, L tokens, N real (unpadded) tokens of the whole batch, D width (hidden_size), I MLP width,
+H query heads, Hkv key/value heads, G = H / Hkv query heads per key/value head, Dh head dim.
 """
 
 import torch
@@ -51,11 +54,11 @@ class RMSNorm(nn.Module):
         return (x32 * (1.0 + self.weight.float())).type_as(x)
 
 
-def rope_cos_sin(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos and sin [L, Dh] of positions 0..L-1; the frequencies repeat over both halves (rotate-half layout)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # [Dh/2]
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq  # [L, Dh/2]
-    angles = torch.cat((angles, angles), dim=-1)  # [L, Dh]
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin [N, Dh] of token positions [N]; the frequencies repeat over both halves (rotate-half layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq  # [N, Dh/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [N, Dh]
     return angles.cos(), angles.sin()
 
 
@@ -66,21 +69,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + torch.cat((-second, first), dim=-1) * sin).type_as(x)
 
 
-def attention_bias(attention_mask: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Additive fp32 bias [B, 1, 1, L or 1, L] for the scores [B, Hkv, G, L, L]: 0 where query i sees key j.
+def attention_bias(prompts: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Additive fp32 bias [1, 1, 1, N, N] for the scores [1, Hkv, G, N, N] of N packed tokens: 0 where query i
+    sees key j, float32's minimum elsewhere.
 
-    Padding keys are hidden from every query and, with a window, keys farther than it (|i - j| > window:
-    bidirectional and inclusive, as transformers 5.x). The bias is float32's minimum, not -inf, so that a
-    query that sees no key at all (padding far from any token) gets uniform weights instead of NaN, as in
-    the reference; its output is never used, but a NaN there would leak through the 0 x NaN of later layers.
+    A token sees the tokens of its own prompt (`prompts` [N] says whose each is) and, with a window, only those
+    at most `window` positions away (bidirectional and inclusive, as transformers 5.x).
     """
-    visible = attention_mask[:, None, :]  # [B, 1, L]
+    visible = prompts[:, None] == prompts[None, :]  # [N, N]
     if window is not None:
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        visible = visible & ((positions[:, None] - positions[None, :]).abs() <= window)  # [B, L, L]
+        visible = visible & ((positions[:, None] - positions[None, :]).abs() <= window)
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
-    bias = bias.masked_fill(~visible, torch.finfo(torch.float32).min)
-    return bias[:, None, None]  # [B, 1, 1, L or 1, L]
+    return bias.masked_fill(~visible, torch.finfo(torch.float32).min)[None, None, None]  # [1, 1, 1, N, N]
 
 
 class SelfAttention(nn.Module):
@@ -164,9 +164,9 @@ class T5GemmaEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] long, attention_mask [B, L] bool (True: a token, False: padding) -> [B, L, D].
 
-        Outputs at padding positions are meaningless. Outputs at token positions do not depend on how much
-        padding there is nor on which side (RoPE sees only distances, padding keys are masked), so a batch
-        may be padded to its longest prompt only.
+        Outputs at padding positions are zeros. Outputs at token positions do not depend on how much padding
+        there is nor on which side (RoPE sees only distances, padding is never attended to), so a batch may be
+        padded to its longest prompt only.
         """
         if attention_mask.dtype != torch.bool or attention_mask.shape != input_ids.shape:
             raise ValueError(
@@ -174,12 +174,21 @@ class T5GemmaEncoder(nn.Module):
                 f"got {attention_mask.dtype} {tuple(attention_mask.shape)}"
             )
         config = self.config
-        x = self.embed_tokens(input_ids)  # [B, L, D]
+        batch, length = input_ids.shape
+        # Only real tokens are encoded: the prompts are packed into one sequence of N tokens in which each token
+        # attends to its own prompt only, so the work is that of N tokens, not of B x L (with CFG and the
+        # default empty negative prompt, about half). Each token keeps the position it has in its padded row,
+        # as the reference's position ids are 0..L-1 whatever the padding.
+        positions = torch.arange(length, device=input_ids.device).expand(batch, length)[attention_mask]  # [N]
+        prompts = torch.arange(batch, device=input_ids.device)[:, None].expand(batch, length)[attention_mask]  # [N]
+        x = self.embed_tokens(input_ids[attention_mask])[None]  # [1, N, D]
         # Gemma scales embeddings by sqrt(D); the reference rounds the factor to the activation dtype first
         x = x * torch.tensor(config.hidden_size**0.5, dtype=x.dtype)
-        cos, sin = rope_cos_sin(input_ids.shape[1], config.head_dim, config.rope_theta, x.device)  # [L, Dh]
-        full = attention_bias(attention_mask, None)  # [B, 1, 1, 1, L]
-        sliding = attention_bias(attention_mask, config.sliding_window)  # [B, 1, 1, L, L]
+        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)  # [N, Dh]
+        full = attention_bias(prompts, positions, None)  # [1, 1, 1, N, N]
+        sliding = attention_bias(prompts, positions, config.sliding_window)
         for layer, layer_type in zip(self.layers, config.layer_types):
             x = layer(x, cos, sin, sliding if layer_type == SLIDING_ATTENTION else full)
-        return self.norm(x)
+        out = x.new_zeros(batch, length, config.hidden_size)  # [B, L, D]
+        out[attention_mask] = self.norm(x)[0]  # the N tokens back to their rows
+        return out

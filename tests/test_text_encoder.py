@@ -190,7 +190,8 @@ def test_parity_with_padding_on_either_side():
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
         got = ours(ids, mask)
-    assert_parity(got, expected, tol=2e-5)  # every position, padding included
+    assert_parity(got[mask], expected[mask], tol=2e-5)  # every token; padding is never computed, and left zero
+    assert not got[~mask].any()
 
 
 def test_bf16_is_as_accurate_as_the_reference_bf16():
@@ -260,7 +261,7 @@ def full_size_check() -> dict:
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
         got = ours(ids, mask)
-    return {"err": max_rel_err(got, expected), "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"err": max_rel_err(got[mask], expected[mask]), "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def test_full_size_2b_forward_matches():
@@ -274,3 +275,18 @@ def test_full_size_2b_forward_matches():
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["err"] <= 2e-5, result
     assert result["peak_gb"] < 14, result
+
+
+def test_only_real_tokens_are_computed():
+    """The prompts are packed: every layer sees the batch's N real tokens, not B x L (the work of a CFG batch with an
+    empty negative prompt about halves), and each prompt still equals the reference's."""
+    ref, ours = tiny_pair(seed=7)
+    ids, mask = pad(random_prompts([11, 1], seed=8), 11, "left")  # a prompt and an empty negative (<bos> only)
+    seen = []
+    hook = ours.layers[0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        got = ours(ids, mask)
+        expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    hook.remove()
+    assert seen == [(1, 12, TINY["hidden_size"])]
+    assert_parity(got[mask], expected[mask], tol=2e-5)

@@ -253,3 +253,18 @@ def test_compiled_blocks_equal_eager():
     assert compile_blocks(ours) is ours
     assert list(ours.state_dict()) == keys  # names unchanged: loading and LoRA see the same model
     assert max_rel_err(ours(latents, sigma, context), eager) <= 1e-6
+
+
+@torch.no_grad()
+def test_in_place_temporaries_leave_inputs_untouched():
+    """adaLN, the q/k norm weight and the MLP product run in place on temporaries only: the latents, the text
+    context and the modulation stay as they were, and a step repeats exactly."""
+    ours, _ = make_pair(EXTRAS_TINY, seed=11)
+    latents, sigma, text, mask = inputs(EXTRAS_TINY)
+    context = ours.encode_text(text, mask)
+    mod = ours.modulate(sigma, *latents.shape[-2:])
+    saved = [t.clone() for t in (latents, mod.blocks, mod.final, *context.keys, *context.values)]
+    first = ours.forward_modulated(latents, mod, context)
+    after = (latents, mod.blocks, mod.final, *context.keys, *context.values)
+    assert all(torch.equal(a, b) for a, b in zip(after, saved))
+    assert torch.equal(ours.forward_modulated(latents, mod, context), first)

@@ -247,3 +247,16 @@ def test_encode_rejects_sizes_off_the_grid():
 def test_unsupported_configs_raise(change, message):
     with pytest.raises(ValueError, match=message):
         DCAEConfig.from_diffusers({**TINY_CONFIGS["sana-1.0"], **change})
+
+
+@torch.no_grad()
+def test_in_place_temporaries_leave_inputs_untouched(tiny_pair):
+    """Activations, norms and residual sums run in place on temporaries only: inputs stay, calls repeat exactly."""
+    _, ours = tiny_pair
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 8, 4, 6, generator=gen)
+    images = torch.rand(2, 3, 32, 48, generator=gen) * 2 - 1
+    latents_copy, images_copy = latents.clone(), images.clone()
+    first_decoded, first_latents = ours.decode(latents), ours.encode(images)
+    assert torch.equal(latents, latents_copy) and torch.equal(images, images_copy)
+    assert torch.equal(ours.decode(latents), first_decoded) and torch.equal(ours.encode(images), first_latents)

@@ -188,3 +188,16 @@ def test_low_precision_matches_reference_and_stays_near_fp32(dtype):
     # Rounding, not a bug: measured 0.009 (bf16) and 0.005 (fp16) after ~15 layers.
     assert max_rel_err(decoded, fp32_decoded) < 0.05
     assert max_rel_err(latents, fp32_latents) < 0.05
+
+
+@torch.no_grad()
+def test_in_place_temporaries_leave_inputs_untouched():
+    """SiLU and the residual sums run in place on temporaries only: inputs stay as they were, calls repeat exactly."""
+    ours, _ = pair(tiny_kl_config(), seed=5)
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 16, 4, 6, generator=gen)
+    images = torch.rand(2, 3, 16, 24, generator=gen) * 2 - 1
+    z_copy, images_copy = z.clone(), images.clone()
+    first_decoded, first_latents = ours.decode(z), ours.encode(images)
+    assert torch.equal(z, z_copy) and torch.equal(images, images_copy)
+    assert torch.equal(ours.decode(z), first_decoded) and torch.equal(ours.encode(images), first_latents)
