@@ -1,0 +1,451 @@
+"""Mirage against diffusers' PRXPipeline on the full-size model: time, peak memory and output differences.
+
+    python benchmarks/compare.py                                  # CPU bf16, 512 px, Flux VAE, 28 steps
+    python benchmarks/compare.py --dtype fp32 --parts text step vae   # the components only
+    python benchmarks/compare.py --device cuda --resolution 1024 --vae dc-ae
+
+The first run builds a full-size PRX checkpoint with random bf16 weights in diffusers layout and converts
+it (benchmarks/checkpoint.py; ~15 GB under --cache, a few minutes, once). Every measurement then runs in a
+subprocess of its own, one side at a time, so peak memories are not mixed and no process holds both
+pipelines:
+- text: cleaning, tokenising and encoding the prompt and the negative prompt (the reference pads both to
+  256 tokens; ours to the longer of the two), only the text encoder loaded;
+- step: one denoising step with CFG (batch 2) at the first noise level, only the transformer loaded, both
+  sides given the same text embeddings; ours computes the text side of the transformer once per
+  generation (`encode_text`), reported on its own line;
+- vae: one decode of the same latents, only the VAE loaded;
+- e2e: a whole generation of --steps steps through each pipeline's public call, everything loaded as
+  each pipeline loads it; its peak memory is what a user sees (CPU: peak RSS, CUDA: peak allocated).
+Components report the best of --repeats runs. The table gives wall time (and, on CPU, the ratio of the
+processes' CPU times, steadier than wall time on a shared machine), ours / reference, the speedup, and
+the largest difference between the two outputs.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+PARTS = ("text", "step", "vae", "e2e")
+SIDES = ("reference", "ours")
+TOKENIZER_MAX_LENGTH = 256  # PRX's tokenizer_config: the reference pads every prompt to it
+# Ordinary caption words, repeated until a prompt has the asked number of tokens.
+WORDS = (
+    "a photo of an old red tram on a sandy beach at sunset, warm light, film grain, seagulls over the water, "
+    "a child with a kite, soft clouds, long shadows, highly detailed, sharp focus"
+).split()
+
+
+# ---- measuring -------------------------------------------------------------------------------------------------
+
+
+class Timer:
+    """Best-of-n wall and CPU seconds of each timed part, and the last result of each."""
+
+    def __init__(self, device: torch.device, repeats: int):
+        self.device, self.repeats = device, repeats
+        self.wall, self.cpu = {}, {}
+        self.dtypes = {}  # our model -> the dtype it ran in (mirage.precision may change the requested one)
+
+    def __call__(self, part: str, fn, repeats: int | None = None):
+        for _ in range(repeats or self.repeats):
+            self._sync()
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = fn()
+            self._sync()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            self.wall[part] = min(wall, self.wall.get(part, wall))
+            self.cpu[part] = min(cpu, self.cpu.get(part, cpu))
+        return result
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes: the process's peak RSS on CPU, the peak allocated GPU memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---- the reference (each function runs in a worker process of its own) -----------------------------------------
+
+
+def reference_text(s: dict, inputs: dict, timer: Timer) -> dict:
+    from diffusers import PRXPipeline
+
+    pipe = timer("load", lambda: PRXPipeline.from_pretrained(s["prx"], transformer=None, vae=None, torch_dtype=s["dtype"]), 1)
+    pipe = pipe.to(s["device"])
+    encode = lambda: pipe.encode_prompt(inputs["prompt"], s["device"], True, inputs["negative"])  # noqa: E731
+    embeds, mask, negative_embeds, negative_mask = timer("text", encode)
+    return {"text": torch.cat([negative_embeds, embeds]), "text_mask": torch.cat([negative_mask, mask])}
+
+
+def reference_step(s: dict, inputs: dict, timer: Timer) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, PRXTransformer2DModel
+
+    load = lambda: PRXTransformer2DModel.from_pretrained(Path(s["prx"]) / "transformer", torch_dtype=s["dtype"])  # noqa: E731
+    model = timer("load", load, 1).to(s["device"]).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(Path(s["prx"]) / "scheduler")
+    scheduler.set_timesteps(s["steps"], device=s["device"])
+    t, g = scheduler.timesteps[0], s["guidance"]
+    noise = inputs["noise"].to(s["device"], s["dtype"])
+    embeds, mask = inputs["text"].to(s["device"], s["dtype"]), inputs["text_mask"].to(s["device"])
+
+    def step():  # one iteration of PRXPipeline.__call__'s loop
+        v = model(
+            hidden_states=torch.cat([noise, noise]), timestep=(t.float() / 1000).view(1).repeat(2).to(s["device"]),
+            encoder_hidden_states=embeds, attention_mask=mask, return_dict=False,
+        )[0]  # fmt: skip
+        uncond, cond = v.chunk(2)
+        return uncond + g * (cond - uncond)
+
+    return {"velocity": timer("step", step)}
+
+
+def reference_vae(s: dict, inputs: dict, timer: Timer) -> dict:
+    from diffusers import AutoencoderDC, AutoencoderKL
+
+    vae_class = AutoencoderKL if s["vae"] == "flux" else AutoencoderDC
+    vae = timer("load", lambda: vae_class.from_pretrained(Path(s["prx"]) / "vae", torch_dtype=s["dtype"]), 1)
+    vae = vae.to(s["device"]).eval()
+    latents = inputs["noise"].to(s["device"], s["dtype"])
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # as PRXPipeline unscales them
+    decode = lambda: vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]  # noqa: E731
+    return {"decoded": timer("vae", decode)}
+
+
+def reference_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
+    from diffusers import PRXPipeline
+
+    pipe = timer("load", lambda: PRXPipeline.from_pretrained(s["prx"], torch_dtype=s["dtype"]), 1).to(s["device"])
+    pipe.set_progress_bar_config(disable=True)
+    call = lambda: pipe(  # noqa: E731
+        inputs["prompt"], negative_prompt=inputs["negative"], height=s["resolution"], width=s["resolution"],
+        num_inference_steps=s["steps"], guidance_scale=s["guidance"], latents=inputs["noise"].to(s["device"], s["dtype"]),
+        output_type="pt", use_resolution_binning=False,
+    ).images  # fmt: skip
+    return {"images": timer("e2e", call, 1)}
+
+
+# ---- ours ------------------------------------------------------------------------------------------------------
+
+
+def build(s: dict, name: str, model_class, config, timer: "Timer"):
+    """One of our models as MiragePipeline loads it, in the dtype the pipeline would run it in (which can differ
+    from the requested one: see mirage.precision)."""
+    from mirage.loading import build_model, read_safetensors
+    from mirage.precision import run_dtype
+
+    path = Path(s["mirage"]) / f"{name}.safetensors"
+    dtype = run_dtype(model_class, s["dtype"], s["device"])
+    timer.dtypes[name] = str(dtype).removeprefix("torch.")
+    load = lambda: build_model(lambda: model_class(config), read_safetensors(path), s["device"], dtype, source=str(path))  # noqa: E731
+    return timer("load", load, 1)
+
+
+def ours_text(s: dict, inputs: dict, timer: Timer) -> dict:
+    from mirage.loading import read_config
+    from mirage.prompt_cleaning import clean_prompt
+    from mirage.text_encoder import T5GemmaEncoder
+    from mirage.tokenizer import GemmaTokenizer
+
+    config = read_config(s["mirage"])
+    encoder = build(s, "text_encoder", T5GemmaEncoder, config.text_encoder, timer)
+    tokenizer = GemmaTokenizer(Path(s["mirage"]) / "tokenizer.model", config.tokenizer)
+
+    def encode():  # as MiragePipeline.encode_prompts: negatives first, padded to the longest prompt only
+        ids, mask = tokenizer([clean_prompt(inputs["negative"]), clean_prompt(inputs["prompt"])], padding="longest")
+        ids, mask = ids.to(s["device"]), mask.to(s["device"])
+        return encoder(ids, mask), mask
+
+    embeds, mask = timer("text", encode)
+    return {"text": embeds, "text_mask": mask}
+
+
+def ours_step(s: dict, inputs: dict, timer: Timer) -> dict:
+    from mirage.loading import read_config
+    from mirage.sampling import denoise, flow_match_sigmas
+    from mirage.transformer import MirageTransformer
+
+    config = read_config(s["mirage"])
+    model = build(s, "transformer", MirageTransformer, config.transformer, timer)
+    dtype = model.dtype
+    noise = inputs["noise"].to(s["device"], dtype)
+    embeds, mask = inputs["text"].to(s["device"], dtype), inputs["text_mask"].to(s["device"])
+    context = timer("text side", lambda: model.encode_text(embeds, mask))
+    sigmas = flow_match_sigmas(s["steps"], config.sampling.shift)[:2]  # the schedule's first step
+
+    def step():
+        seen = {}
+        denoise(model, noise, sigmas, context, s["guidance"], callback=lambda i, sigma, x, v: seen.update(v=v))
+        return seen["v"]
+
+    return {"velocity": timer("step", step)}
+
+
+def ours_vae(s: dict, inputs: dict, timer: Timer) -> dict:
+    from mirage.autoencoder import decode_latents
+    from mirage.loading import read_config
+    from mirage.vae_dcae import DCAE
+    from mirage.vae_flux import FluxVAE
+
+    config = read_config(s["mirage"])
+    vae_class = FluxVAE if s["vae"] == "flux" else DCAE
+    vae = build(s, "vae", vae_class, config.vae, timer)
+    latents = inputs["noise"].to(s["device"], s["dtype"])
+    return {"decoded": timer("vae", lambda: decode_latents(vae, latents, tiled=False))}
+
+
+def ours_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
+    from mirage.pipeline import MiragePipeline
+
+    pipe = timer("load", lambda: MiragePipeline.from_pretrained(s["mirage"], device=s["device"], dtype=s["dtype"]), 1)
+    call = lambda: pipe(  # noqa: E731
+        inputs["prompt"], negative_prompt=inputs["negative"], height=s["resolution"], width=s["resolution"],
+        num_inference_steps=s["steps"], guidance_scale=s["guidance"], latents=inputs["noise"].to(s["device"], s["dtype"]),
+        output_type="pt", use_resolution_binning=False, progress=False,
+    )  # fmt: skip
+    return {"images": timer("e2e", call, 1)}
+
+
+WORKERS = {
+    ("reference", "text"): reference_text, ("reference", "step"): reference_step,
+    ("reference", "vae"): reference_vae, ("reference", "e2e"): reference_e2e,
+    ("ours", "text"): ours_text, ("ours", "step"): ours_step, ("ours", "vae"): ours_vae, ("ours", "e2e"): ours_e2e,
+}  # fmt: skip
+
+
+def quiet_oracles() -> None:
+    """No progress bars, deprecation notes or advice from diffusers and transformers in the benchmark's output."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def worker(run_dir: Path, side: str, part: str) -> None:
+    if side == "reference":  # never on our side: importing the oracles would add ~200 MB to our RSS
+        quiet_oracles()
+    settings = json.loads((run_dir / "settings.json").read_text())
+    device = torch.device(settings["device"])
+    s = {**settings, "device": device, "dtype": DTYPES[settings["dtype"]]}
+    inputs = torch.load(run_dir / "inputs.pt")
+    timer = Timer(device, settings["repeats"])
+    with torch.no_grad():
+        outputs = WORKERS[side, part](s, inputs, timer)
+    result = {"wall": timer.wall, "cpu": timer.cpu, "peak_memory": peak_memory(device), "dtypes": timer.dtypes}
+    torch.save({k: v.float().cpu() for k, v in outputs.items()}, run_dir / f"{side}-{part}.pt")
+    (run_dir / f"{side}-{part}.json").write_text(json.dumps(result))
+
+
+# ---- the parent: inputs, workers, report -----------------------------------------------------------------------
+
+
+def make_prompt(tokenizer, tokens: int) -> tuple[str, int]:
+    """A caption of ordinary words with about `tokens` tokens (<bos> included); -> (text, its token count)."""
+    from mirage.prompt_cleaning import clean_prompt
+
+    words, count = [], 1
+    while count < tokens:
+        words.append(WORDS[len(words) % len(WORDS)])
+        count = len(tokenizer([clean_prompt(" ".join(words))], padding="longest")[0][0])
+    return " ".join(words), count
+
+
+def make_inputs(settings: dict, prompt_tokens: int, negative_tokens: int) -> dict:
+    """The prompts, the initial noise, and (for the step) text embeddings padded as the reference pads them."""
+    from mirage.loading import read_config
+    from mirage.tokenizer import GemmaTokenizer
+
+    folder = Path(settings["mirage"])
+    config = read_config(folder)
+    tokenizer = GemmaTokenizer(folder / "tokenizer.model", config.tokenizer)
+    prompt, n_prompt = make_prompt(tokenizer, prompt_tokens)
+    negative, n_negative = make_prompt(tokenizer, negative_tokens) if negative_tokens > 1 else ("", 1)
+    g = torch.Generator().manual_seed(0)
+    f = 8 if settings["vae"] == "flux" else 32
+    latent = settings["resolution"] // f
+    noise = torch.randn(1, config.transformer.in_channels, latent, latent, generator=g)
+    text = torch.randn(2, TOKENIZER_MAX_LENGTH, config.transformer.context_in_dim, generator=g)
+    lengths = torch.tensor([[n_negative], [n_prompt]])
+    text_mask = torch.arange(TOKENIZER_MAX_LENGTH) >= TOKENIZER_MAX_LENGTH - lengths  # [2, 256], left padding
+    dtype = DTYPES[settings["dtype"]]
+    return dict(prompt=prompt, negative=negative, prompt_tokens=n_prompt, negative_tokens=n_negative,
+                noise=noise.to(dtype), text=text.to(dtype), text_mask=text_mask)  # fmt: skip
+
+
+def run_worker(run_dir: Path, side: str, part: str, timeout: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, part, "--run-dir", str(run_dir)]
+    print(f"  {part}: {side} ...", flush=True)
+    subprocess.run(cmd, check=True, timeout=timeout)
+    result = json.loads((run_dir / f"{side}-{part}.json").read_text())
+    result["outputs"] = torch.load(run_dir / f"{side}-{part}.pt")
+    return result
+
+
+def max_rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max(1, max |ref|), the error measure of the parity tests."""
+    return ((ours - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
+
+
+def difference(part: str, ours: dict, ref: dict) -> str:
+    if part == "text":
+        o, mask = ours["text"], ours["text_mask"].bool()
+        length = o.shape[1]  # both pad on the left: ours are the reference's last `length` columns
+        r, r_mask = ref["text"][:, -length:], ref["text_mask"][:, -length:].bool()
+        if not torch.equal(mask, r_mask) or ref["text_mask"].sum() != mask.sum():
+            return "the two sides tokenised differently"
+        return f"{max_rel(o[mask], r[mask]):.2g} rel"
+    if part == "e2e":
+        d = (ours["images"] - ref["images"]).abs()
+        return f"{d.max().item():.2g} max, {d.mean().item():.2g} mean |px| in [0, 1]"
+    key = {"step": "velocity", "vae": "decoded"}[part]
+    return f"{max_rel(ours[key], ref[key]):.2g} rel"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    text = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    elif hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"):
+        text += ", native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ", no native bf16 (bf16 is emulated)"
+    return text
+
+
+def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float]) -> str:
+    import diffusers
+
+    cpu = settings["device"] == "cpu"
+    memory_name = "peak RSS" if cpu else "peak GPU memory"
+    lines = [
+        f"Mirage vs diffusers PRXPipeline, {datetime.now():%Y-%m-%d %H:%M}",
+        f"{machine()}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
+        f"load average {load[0]:.1f} before, {load[1]:.1f} after",
+        f"{settings['device']} {settings['dtype']}, {settings['resolution']} px, {settings['vae']} VAE, "
+        f"CFG {settings['guidance']}, prompt {inputs['prompt_tokens']} tokens, negative {inputs['negative_tokens']}; "
+        f"components: best of {settings['repeats']}",
+        "",
+        f"{'':40}{'reference':>11}{'mirage':>10}{'ours/ref':>9}{'speedup':>9}{'CPU time' if cpu else '':>10}  max difference",
+    ]
+    labels = {
+        "text": "text encoding (prompt + negative)",
+        "text side": "  transformer text side (once per call)",
+        "step": f"one denoising step (CFG, {settings['resolution']} px)",
+        "vae": "VAE decode",
+        "e2e": f"end to end ({settings['steps']} steps)",
+    }
+    for part in PARTS:
+        if part not in results["ours"]:
+            continue
+        ours, ref = results["ours"][part], results["reference"][part]
+        rows = [(part, labels[part])] + ([("text side", labels["text side"])] if part == "step" else [])
+        for key, label in rows:
+            o = ours["wall"][key]
+            if key not in ref["wall"]:
+                lines.append(f"{label:40}{'-':>11}{o:9.2f}s")
+                continue
+            r = ref["wall"][key]
+            cpu_ratio = f"{ours['cpu'][key] / ref['cpu'][key]:10.2f}" if cpu else ""
+            diff = difference(part, ours["outputs"], ref["outputs"]) if key == part else ""
+            lines.append(f"{label:40}{r:10.2f}s{o:9.2f}s{o / r:9.2f}{r / o:8.2f}x{cpu_ratio}  {diff}")
+        r_mem, o_mem = ref["peak_memory"] / 1e9, ours["peak_memory"] / 1e9
+        lines.append(f"{'  ' + memory_name + ', ' + part + ' process':40}{r_mem:9.2f}GB{o_mem:8.2f}GB{o_mem / r_mem:9.2f}")
+    requested = str(DTYPES[settings["dtype"]]).removeprefix("torch.")
+    changed = {name: dtype for r in results["ours"].values() for name, dtype in r["dtypes"].items() if dtype != requested}
+    if changed:
+        ran = ", ".join(f"{name} in {dtype}" for name, dtype in changed.items())
+        lines.append(f"note: ours ran {ran} (mirage.precision's policy); the reference ran everything in {settings['dtype']}")
+    if {"step", "text", "vae"} <= set(results["ours"]):
+        projected = {}
+        for side in SIDES:
+            wall = {k: v for part in ("text", "step", "vae") for k, v in results[side][part]["wall"].items()}
+            projected[side] = wall["text"] + wall.get("text side", 0) + settings["steps"] * wall["step"] + wall["vae"]
+        r, o = projected["reference"], projected["ours"]
+        label = f"projected: text + {settings['steps']} steps + decode"
+        lines.append(f"{label:40}{r:10.2f}s{o:9.2f}s{o / r:9.2f}{r / o:8.2f}x")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="weights and activations (default: bf16)")
+    parser.add_argument("--resolution", type=int, default=512, help="square image side in pixels (default: 512)")
+    parser.add_argument("--steps", type=int, default=28, help="denoising steps end to end (default: 28)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale, > 1 (default: 5)")
+    parser.add_argument("--vae", default="flux", choices=VAE_TYPES, help="which VAE (and transformer) (default: flux)")
+    parser.add_argument("--prompt-tokens", type=int, default=30, help="prompt length in tokens, <bos> included (default: 30)")
+    parser.add_argument("--negative-tokens", type=int, default=1, help="negative prompt length; 1 = empty, the default")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure (default: all)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per component, the fastest reported (default: 2)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache (default: {DEFAULT_CACHE})")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per worker process (default: 1800)")
+    parser.add_argument("--worker", nargs=2, metavar=("SIDE", "PART"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is None:
+        if args.guidance <= 1 or args.steps < 1 or args.repeats < 1 or not 2 <= args.prompt_tokens <= TOKENIZER_MAX_LENGTH:
+            parser.error(f"need --guidance > 1, --steps >= 1, --repeats >= 1 and 2 <= --prompt-tokens <= {TOKENIZER_MAX_LENGTH}")
+        multiple = 16 if args.vae == "flux" else 32  # one latent patch in pixels
+        if args.resolution % multiple:
+            parser.error(f"--resolution must be a multiple of {multiple} with the {args.vae} VAE")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        worker(args.run_dir, *args.worker)
+        return
+    prx, mirage = ensure_checkpoint(args.cache, args.vae)
+    run_dir = args.cache / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True)
+    settings = dict(
+        prx=str(prx), mirage=str(mirage), device=args.device, dtype=args.dtype, resolution=args.resolution,
+        steps=args.steps, guidance=args.guidance, vae=args.vae, repeats=args.repeats,
+    )  # fmt: skip
+    (run_dir / "settings.json").write_text(json.dumps(settings, indent=2))
+    inputs = make_inputs(settings, args.prompt_tokens, args.negative_tokens)
+    torch.save(inputs, run_dir / "inputs.pt")
+    print(f"running in {run_dir}", flush=True)
+    load_before = os.getloadavg()[0]
+    results = {side: {} for side in SIDES}
+    for part in (p for p in PARTS if p in args.parts):
+        for side in SIDES:
+            results[side][part] = run_worker(run_dir, side, part, args.timeout)
+    table = report(settings, inputs, results, (load_before, os.getloadavg()[0]))
+    (run_dir / "report.txt").write_text(table + "\n")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
