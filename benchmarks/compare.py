@@ -14,11 +14,13 @@ pipelines:
   sides given the same text embeddings; ours computes the text side of the transformer once per
   generation (`encode_text`), reported on its own line;
 - vae: one decode of the same latents, only the VAE loaded;
-- e2e: a whole generation of --steps steps through each pipeline's public call, everything loaded as
-  each pipeline loads it; its peak memory is what a user sees (CPU: peak RSS, CUDA: peak allocated).
-Components report the best of --repeats runs. The table gives wall time (and, on CPU, the ratio of the
-processes' CPU times, steadier than wall time on a shared machine), ours / reference, the speedup, and
-the largest difference between the two outputs.
+- e2e: loading each pipeline from its folder and one generation of --steps steps through its public
+  call, timed together (mirage reads each model on first use); its peak memory is what a user sees
+  (CPU: peak RSS, CUDA: peak allocated).
+Components report the best of --repeats runs, and of --rounds worker processes per side (alternating
+sides). The table gives wall time (and, on CPU, the ratio of the processes' CPU times, steadier than wall
+time on a shared machine), ours / reference, the speedup, and the largest difference between the two
+outputs. The last line projects a whole generation from the components, without loading.
 """
 
 import argparse
@@ -90,8 +92,8 @@ def peak_memory(device: torch.device) -> int:
 def reference_text(s: dict, inputs: dict, timer: Timer) -> dict:
     from diffusers import PRXPipeline
 
-    pipe = timer("load", lambda: PRXPipeline.from_pretrained(s["prx"], transformer=None, vae=None, torch_dtype=s["dtype"]), 1)
-    pipe = pipe.to(s["device"])
+    load = lambda: PRXPipeline.from_pretrained(s["prx"], transformer=None, vae=None, torch_dtype=s["dtype"])  # noqa: E731
+    pipe = timer("load", load, 1).to(s["device"])
     encode = lambda: pipe.encode_prompt(inputs["prompt"], s["device"], True, inputs["negative"])  # noqa: E731
     embeds, mask, negative_embeds, negative_mask = timer("text", encode)
     return {"text": torch.cat([negative_embeds, embeds]), "text_mask": torch.cat([negative_mask, mask])}
@@ -100,8 +102,9 @@ def reference_text(s: dict, inputs: dict, timer: Timer) -> dict:
 def reference_step(s: dict, inputs: dict, timer: Timer) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler, PRXTransformer2DModel
 
-    load = lambda: PRXTransformer2DModel.from_pretrained(Path(s["prx"]) / "transformer", torch_dtype=s["dtype"])  # noqa: E731
-    model = timer("load", load, 1).to(s["device"]).eval()
+    folder = Path(s["prx"]) / "transformer"
+    model = timer("load", lambda: PRXTransformer2DModel.from_pretrained(folder, torch_dtype=s["dtype"]), 1)
+    model = model.to(s["device"]).eval()
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(Path(s["prx"]) / "scheduler")
     scheduler.set_timesteps(s["steps"], device=s["device"])
     t, g = scheduler.timesteps[0], s["guidance"]
@@ -134,14 +137,16 @@ def reference_vae(s: dict, inputs: dict, timer: Timer) -> dict:
 def reference_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
     from diffusers import PRXPipeline
 
-    pipe = timer("load", lambda: PRXPipeline.from_pretrained(s["prx"], torch_dtype=s["dtype"]), 1).to(s["device"])
-    pipe.set_progress_bar_config(disable=True)
-    call = lambda: pipe(  # noqa: E731
-        inputs["prompt"], negative_prompt=inputs["negative"], height=s["resolution"], width=s["resolution"],
-        num_inference_steps=s["steps"], guidance_scale=s["guidance"], latents=inputs["noise"].to(s["device"], s["dtype"]),
-        output_type="pt", use_resolution_binning=False,
-    ).images  # fmt: skip
-    return {"images": timer("e2e", call, 1)}
+    def load_and_generate():
+        pipe = PRXPipeline.from_pretrained(s["prx"], torch_dtype=s["dtype"]).to(s["device"])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(
+            inputs["prompt"], negative_prompt=inputs["negative"], height=s["resolution"], width=s["resolution"],
+            num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+            latents=inputs["noise"].to(s["device"], s["dtype"]), output_type="pt", use_resolution_binning=False,
+        ).images  # fmt: skip
+
+    return {"images": timer("e2e", load_and_generate, 1)}
 
 
 # ---- ours ------------------------------------------------------------------------------------------------------
@@ -156,8 +161,8 @@ def build(s: dict, name: str, model_class, config, timer: "Timer"):
     path = Path(s["mirage"]) / f"{name}.safetensors"
     dtype = run_dtype(model_class, s["dtype"], s["device"])
     timer.dtypes[name] = str(dtype).removeprefix("torch.")
-    load = lambda: build_model(lambda: model_class(config), read_safetensors(path), s["device"], dtype, source=str(path))  # noqa: E731
-    return timer("load", load, 1)
+    make = lambda: model_class(config)  # noqa: E731
+    return timer("load", lambda: build_model(make, read_safetensors(path), s["device"], dtype, source=str(path)), 1)
 
 
 def ours_text(s: dict, inputs: dict, timer: Timer) -> dict:
@@ -216,13 +221,16 @@ def ours_vae(s: dict, inputs: dict, timer: Timer) -> dict:
 def ours_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
     from mirage.pipeline import MiragePipeline
 
-    pipe = timer("load", lambda: MiragePipeline.from_pretrained(s["mirage"], device=s["device"], dtype=s["dtype"]), 1)
-    call = lambda: pipe(  # noqa: E731
-        inputs["prompt"], negative_prompt=inputs["negative"], height=s["resolution"], width=s["resolution"],
-        num_inference_steps=s["steps"], guidance_scale=s["guidance"], latents=inputs["noise"].to(s["device"], s["dtype"]),
-        output_type="pt", use_resolution_binning=False, progress=False,
-    )  # fmt: skip
-    return {"images": timer("e2e", call, 1)}
+    def load_and_generate():  # MiragePipeline reads each model on first use, so loading is timed with the call
+        pipe = MiragePipeline.from_pretrained(s["mirage"], device=s["device"], dtype=s["dtype"])
+        return pipe(
+            inputs["prompt"], negative_prompt=inputs["negative"], height=s["resolution"], width=s["resolution"],
+            num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+            latents=inputs["noise"].to(s["device"], s["dtype"]), output_type="pt", use_resolution_binning=False,
+            progress=False,
+        )  # fmt: skip
+
+    return {"images": timer("e2e", load_and_generate, 1)}
 
 
 WORKERS = {
@@ -296,12 +304,18 @@ def make_inputs(settings: dict, prompt_tokens: int, negative_tokens: int) -> dic
                 noise=noise.to(dtype), text=text.to(dtype), text_mask=text_mask)  # fmt: skip
 
 
-def run_worker(run_dir: Path, side: str, part: str, timeout: int) -> dict:
+def run_worker(run_dir: Path, side: str, part: str, timeout: int, best: dict | None) -> dict:
+    """Run one worker process; -> its result, merged with `best` (an earlier round's): the fastest times, the
+    highest peak memory."""
     cmd = [sys.executable, __file__, "--worker", side, part, "--run-dir", str(run_dir)]
     print(f"  {part}: {side} ...", flush=True)
     subprocess.run(cmd, check=True, timeout=timeout)
     result = json.loads((run_dir / f"{side}-{part}.json").read_text())
     result["outputs"] = torch.load(run_dir / f"{side}-{part}.pt")
+    if best is not None:
+        for clock in ("wall", "cpu"):
+            result[clock] = {k: min(v, best[clock][k]) for k, v in result[clock].items()}
+        result["peak_memory"] = max(result["peak_memory"], best["peak_memory"])
     return result
 
 
@@ -337,7 +351,8 @@ def machine() -> str:
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name()}"
     elif hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"):
-        text += ", native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ", no native bf16 (bf16 is emulated)"
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        text += ", native bf16" if native else ", no native bf16 (bf16 is emulated)"
     return text
 
 
@@ -352,16 +367,17 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
         f"load average {load[0]:.1f} before, {load[1]:.1f} after",
         f"{settings['device']} {settings['dtype']}, {settings['resolution']} px, {settings['vae']} VAE, "
         f"CFG {settings['guidance']}, prompt {inputs['prompt_tokens']} tokens, negative {inputs['negative_tokens']}; "
-        f"components: best of {settings['repeats']}",
+        f"components: best of {settings['repeats']} runs x {settings['rounds']} rounds",
         "",
-        f"{'':40}{'reference':>11}{'mirage':>10}{'ours/ref':>9}{'speedup':>9}{'CPU time' if cpu else '':>10}  max difference",
+        f"{'':40}{'reference':>11}{'mirage':>10}{'ours/ref':>9}{'speedup':>9}{'CPU time' if cpu else '':>10}"
+        "  max difference",
     ]
     labels = {
         "text": "text encoding (prompt + negative)",
         "text side": "  transformer text side (once per call)",
         "step": f"one denoising step (CFG, {settings['resolution']} px)",
         "vae": "VAE decode",
-        "e2e": f"end to end ({settings['steps']} steps)",
+        "e2e": f"load + generate ({settings['steps']} steps)",
     }
     for part in PARTS:
         if part not in results["ours"]:
@@ -378,12 +394,13 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
             diff = difference(part, ours["outputs"], ref["outputs"]) if key == part else ""
             lines.append(f"{label:40}{r:10.2f}s{o:9.2f}s{o / r:9.2f}{r / o:8.2f}x{cpu_ratio}  {diff}")
         r_mem, o_mem = ref["peak_memory"] / 1e9, ours["peak_memory"] / 1e9
-        lines.append(f"{'  ' + memory_name + ', ' + part + ' process':40}{r_mem:9.2f}GB{o_mem:8.2f}GB{o_mem / r_mem:9.2f}")
+        label = f"  {memory_name}, {part} process"
+        lines.append(f"{label:40}{r_mem:9.2f}GB{o_mem:8.2f}GB{o_mem / r_mem:9.2f}")
     requested = str(DTYPES[settings["dtype"]]).removeprefix("torch.")
-    changed = {name: dtype for r in results["ours"].values() for name, dtype in r["dtypes"].items() if dtype != requested}
+    ran = {name: dtype for result in results["ours"].values() for name, dtype in result["dtypes"].items()}
+    changed = ", ".join(f"{name} in {dtype}" for name, dtype in ran.items() if dtype != requested)
     if changed:
-        ran = ", ".join(f"{name} in {dtype}" for name, dtype in changed.items())
-        lines.append(f"note: ours ran {ran} (mirage.precision's policy); the reference ran everything in {settings['dtype']}")
+        lines.append(f"note: ours ran {changed} (mirage.precision); the reference ran everything in {settings['dtype']}")
     if {"step", "text", "vae"} <= set(results["ours"]):
         projected = {}
         for side in SIDES:
@@ -398,23 +415,27 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="weights and activations (default: bf16)")
+    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="model dtype (default: bf16)")
     parser.add_argument("--resolution", type=int, default=512, help="square image side in pixels (default: 512)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps end to end (default: 28)")
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale, > 1 (default: 5)")
     parser.add_argument("--vae", default="flux", choices=VAE_TYPES, help="which VAE (and transformer) (default: flux)")
-    parser.add_argument("--prompt-tokens", type=int, default=30, help="prompt length in tokens, <bos> included (default: 30)")
+    parser.add_argument("--prompt-tokens", type=int, default=30, help="prompt length in tokens with <bos> (default: 30)")
     parser.add_argument("--negative-tokens", type=int, default=1, help="negative prompt length; 1 = empty, the default")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure (default: all)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per component, the fastest reported (default: 2)")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache (default: {DEFAULT_CACHE})")
+    parser.add_argument("--rounds", type=int, default=1, help="worker processes per side and part (default: 1)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache ({DEFAULT_CACHE})")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per worker process (default: 1800)")
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "PART"), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is None:
-        if args.guidance <= 1 or args.steps < 1 or args.repeats < 1 or not 2 <= args.prompt_tokens <= TOKENIZER_MAX_LENGTH:
-            parser.error(f"need --guidance > 1, --steps >= 1, --repeats >= 1 and 2 <= --prompt-tokens <= {TOKENIZER_MAX_LENGTH}")
+        if min(args.steps, args.repeats, args.rounds) < 1 or args.guidance <= 1:
+            parser.error("need --guidance > 1 and --steps, --repeats, --rounds >= 1")
+        if not 2 <= args.prompt_tokens <= TOKENIZER_MAX_LENGTH or not 1 <= args.negative_tokens <= TOKENIZER_MAX_LENGTH:
+            limit = TOKENIZER_MAX_LENGTH
+            parser.error(f"--prompt-tokens must be in [2, {limit}] and --negative-tokens in [1, {limit}]")
         multiple = 16 if args.vae == "flux" else 32  # one latent patch in pixels
         if args.resolution % multiple:
             parser.error(f"--resolution must be a multiple of {multiple} with the {args.vae} VAE")
@@ -426,12 +447,15 @@ def main(argv=None) -> None:
     if args.worker is not None:
         worker(args.run_dir, *args.worker)
         return
+    if args.device == "cpu" and args.dtype == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("warning: this CPU has no native bf16 (no AMX or AVX512-BF16): the reference will run bf16 on emulated "
+              "kernels, ~100x slower, while mirage switches to fp32. Compare with --dtype fp32 here.", flush=True)
     prx, mirage = ensure_checkpoint(args.cache, args.vae)
     run_dir = args.cache / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
     settings = dict(
         prx=str(prx), mirage=str(mirage), device=args.device, dtype=args.dtype, resolution=args.resolution,
-        steps=args.steps, guidance=args.guidance, vae=args.vae, repeats=args.repeats,
+        steps=args.steps, guidance=args.guidance, vae=args.vae, repeats=args.repeats, rounds=args.rounds,
     )  # fmt: skip
     (run_dir / "settings.json").write_text(json.dumps(settings, indent=2))
     inputs = make_inputs(settings, args.prompt_tokens, args.negative_tokens)
@@ -440,8 +464,9 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()[0]
     results = {side: {} for side in SIDES}
     for part in (p for p in PARTS if p in args.parts):
-        for side in SIDES:
-            results[side][part] = run_worker(run_dir, side, part, args.timeout)
+        for _ in range(args.rounds):  # alternating sides, so a busy spell of the machine does not hit one side only
+            for side in SIDES:
+                results[side][part] = run_worker(run_dir, side, part, args.timeout, results[side].get(part))
     table = report(settings, inputs, results, (load_before, os.getloadavg()[0]))
     (run_dir / "report.txt").write_text(table + "\n")
     print("\n" + table)

@@ -33,19 +33,23 @@ def ours(folder: Path, component: str, dtype, resolution: int, tokens: int):
     from mirage.vae_flux import FluxVAE
 
     config = read_config(folder)
+
+    def load(name, make):
+        return build_model(make, read_safetensors(folder / f"{name}.safetensors"), dtype=dtype)
+
     if component == "text":
-        model = build_model(lambda: T5GemmaEncoder(config.text_encoder), read_safetensors(folder / "text_encoder.safetensors"), dtype=dtype)
+        model = load("text_encoder", lambda: T5GemmaEncoder(config.text_encoder))
         ids = torch.randint(4, 500, (2, tokens))
         return lambda: model(ids, torch.ones_like(ids, dtype=torch.bool))
     if component == "step":
-        model = build_model(lambda: MirageTransformer(config.transformer), read_safetensors(folder / "transformer.safetensors"), dtype=dtype)
+        model = load("transformer", lambda: MirageTransformer(config.transformer))
         f = 8 if config.vae_type == "flux" else 32
         latents = torch.randn(2, config.transformer.in_channels, resolution // f, resolution // f, dtype=dtype)
         context = model.encode_text(torch.randn(2, tokens, config.transformer.context_in_dim, dtype=dtype))
         mod = model.modulate(flow_match_sigmas(28)[:1], *latents.shape[-2:])
         return lambda: model.forward_modulated(latents, mod, context)
     vae_class = FluxVAE if config.vae_type == "flux" else DCAE
-    model = build_model(lambda: vae_class(config.vae), read_safetensors(folder / "vae.safetensors"), dtype=dtype)
+    model = load("vae", lambda: vae_class(config.vae))
     f = model.spatial_compression
     latents = torch.randn(1, model.latent_channels, resolution // f, resolution // f, dtype=dtype)
     return lambda: model.decode(latents)
@@ -71,7 +75,8 @@ def reference(folder: Path, component: str, dtype, resolution: int, tokens: int)
         mask = (torch.arange(256) >= 256 - tokens).expand(2, -1)
         t = torch.ones(2)
         return lambda: model(latents, t, text, mask, return_dict=False)[0]
-    vae_class = AutoencoderKL if json.loads((folder / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKL" else AutoencoderDC
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    vae_class = AutoencoderKL if vae_config["_class_name"] == "AutoencoderKL" else AutoencoderDC
     model = vae_class.from_pretrained(folder / "vae", torch_dtype=dtype).eval()
     f = 8 if vae_class is AutoencoderKL else 32
     latents = torch.randn(1, model.config.latent_channels, resolution // f, resolution // f, dtype=dtype)
@@ -87,12 +92,13 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=30, help="real text tokens per prompt (default: 30)")
     parser.add_argument("--vae", choices=VAE_TYPES, default="flux", help="checkpoint variant (default: flux)")
     parser.add_argument("--rows", type=int, default=25, help="operators to list (default: 25)")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache (default: {DEFAULT_CACHE})")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache ({DEFAULT_CACHE})")
     args = parser.parse_args(argv)
     prx, mirage = ensure_checkpoint(args.cache, args.vae)
     make = ours if args.side == "ours" else reference
     with torch.no_grad():
-        run = make(mirage if args.side == "ours" else prx, args.component, DTYPES[args.dtype], args.resolution, args.tokens)
+        folder = mirage if args.side == "ours" else prx
+        run = make(folder, args.component, DTYPES[args.dtype], args.resolution, args.tokens)
         start = time.perf_counter()
         run()
         print(f"warm-up run: {time.perf_counter() - start:.2f} s")

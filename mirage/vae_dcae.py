@@ -13,6 +13,7 @@ Deviations, none visible in fp32:
   input dtype; it runs the linear form in fp32, as we do);
 - norms apply their weight and bias in fp32 and cast back once;
 - batch norms always use their running statistics (this is inference code);
+- on CPU the decoder runs in the channels-last memory layout, on which oneDNN's convolutions are faster;
 - config values the reference would silently reinterpret raise instead (see `DCAEConfig.from_diffusers`).
 Tiling and the latent scaling live in `mirage/autoencoder.py`, shared with the Flux VAE.
 
@@ -332,4 +333,8 @@ class DCAE(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw latents [B, 32, h, w] -> images [B, 3, 32h, 32w], about in [-1, 1]."""
-        return self.decoder(latents)
+        if latents.device.type == "cpu":
+            # oneDNN's convolutions are faster on channels-last (NHWC) tensors, which the decoder's layers keep:
+            # the 512 px decode takes ~7% less time (measured in fp32), the values equal to rounding.
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        return self.decoder(latents).contiguous()

@@ -260,3 +260,20 @@ def test_in_place_temporaries_leave_inputs_untouched(tiny_pair):
     first_decoded, first_latents = ours.decode(latents), ours.encode(images)
     assert torch.equal(latents, latents_copy) and torch.equal(images, images_copy)
     assert torch.equal(ours.decode(latents), first_decoded) and torch.equal(ours.encode(images), first_latents)
+
+
+@torch.no_grad()
+def test_channels_last_decode_is_the_same_decode(tiny_pair):
+    """On CPU the decoder runs channels-last (faster convolutions): its layers see NHWC tensors, and the image equals
+    the one decoded in the default layout, returned contiguous."""
+    _, ours = tiny_pair
+    latents = 2.5 * torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(4))
+    layouts = []
+    last_conv = [m for m in ours.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    hook = last_conv.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    decoded = ours.decode(latents)
+    hook.remove()
+    assert layouts == [True] and decoded.is_contiguous()
+    assert_parity(decoded, ours.decoder(latents), tol=5e-6)  # the default (NCHW) layout all the way

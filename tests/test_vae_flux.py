@@ -201,3 +201,19 @@ def test_in_place_temporaries_leave_inputs_untouched():
     first_decoded, first_latents = ours.decode(z), ours.encode(images)
     assert torch.equal(z, z_copy) and torch.equal(images, images_copy)
     assert torch.equal(ours.decode(z), first_decoded) and torch.equal(ours.encode(images), first_latents)
+
+
+@torch.no_grad()
+def test_channels_last_decode_is_the_same_decode():
+    """On CPU the decoder runs channels-last (faster convolutions): its layers see NHWC tensors, and the image equals
+    the one decoded in the default layout, returned contiguous."""
+    ours, _ = pair(tiny_kl_config(), seed=6)
+    z = torch.randn(2, 16, 5, 7, generator=torch.Generator().manual_seed(6)) * 2
+    layouts = []
+    hook = ours.decoder.conv_out.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    decoded = ours.decode(z)
+    hook.remove()
+    assert layouts == [True] and decoded.is_contiguous()
+    assert_parity(decoded, ours.decoder(z), tol=5e-6)  # the default (NCHW) layout all the way
