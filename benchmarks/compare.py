@@ -155,14 +155,13 @@ def reference_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
 def build(s: dict, name: str, model_class, config, timer: "Timer"):
     """One of our models as MiragePipeline loads it, in the dtype the pipeline would run it in (which can differ
     from the requested one: see mirage.precision)."""
-    from mirage.loading import build_model, read_safetensors
+    from mirage.loading import load_model
     from mirage.precision import run_dtype
 
     path = Path(s["mirage"]) / f"{name}.safetensors"
     dtype = run_dtype(model_class, s["dtype"], s["device"])
     timer.dtypes[name] = str(dtype).removeprefix("torch.")
-    make = lambda: model_class(config)  # noqa: E731
-    return timer("load", lambda: build_model(make, read_safetensors(path), s["device"], dtype, source=str(path)), 1)
+    return timer("load", lambda: load_model(lambda: model_class(config), path, s["device"], dtype), 1)
 
 
 def ours_text(s: dict, inputs: dict, timer: Timer) -> dict:

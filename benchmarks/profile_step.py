@@ -25,7 +25,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def ours(folder: Path, component: str, dtype, resolution: int, tokens: int):
     """-> a function running the component once on random inputs of the benchmark's shapes."""
-    from mirage.loading import build_model, read_config, read_safetensors
+    from mirage.loading import load_model, read_config
     from mirage.sampling import flow_match_sigmas
     from mirage.text_encoder import T5GemmaEncoder
     from mirage.transformer import MirageTransformer
@@ -35,7 +35,7 @@ def ours(folder: Path, component: str, dtype, resolution: int, tokens: int):
     config = read_config(folder)
 
     def load(name, make):
-        return build_model(make, read_safetensors(folder / f"{name}.safetensors"), dtype=dtype)
+        return load_model(make, folder / f"{name}.safetensors", dtype=dtype)
 
     if component == "text":
         model = load("text_encoder", lambda: T5GemmaEncoder(config.text_encoder))

@@ -6,12 +6,13 @@ missing, unexpected or misshapen key is an error that names it.
 """
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -24,15 +25,73 @@ class CheckpointError(RuntimeError):
     """A weights file or folder that cannot be used as it is; the message says what to do."""
 
 
-def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (memory-mapped on CPU), or a CheckpointError naming the file."""
+def read_safetensors(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, floating ones in `dtype` if given, or a CheckpointError naming the file.
+
+    Tensors kept in their stored dtype are memory-mapped (no copy). Tensors to convert are read and converted one
+    at a time instead: converting a memory-mapped file keeps every page of it resident until the last tensor is
+    done, so a bf16 text encoder loaded in fp32 would peak at 1.5x its fp32 size.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: convert a checkpoint first (python convert_weights.py SRC OUT)")
     try:
-        return load_file(path, device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
+        with safe_open(path, "pt"):  # validates the header and the data offsets
+            pass
+        data_start, header = _safetensors_header(path)
+        if dtype is None or all(entry["dtype"] == _STORED_NAMES[dtype] for entry in header.values()):
+            return load_file(path, device=str(device))
+        return _read_converted(path, data_start, header, torch.device(device), dtype)
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}): convert the checkpoint again") from None
+
+
+# safetensors' dtype names
+_STORED = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+_STORED_NAMES = {v: k for k, v in _STORED.items()}
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """-> (offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a file safetensors has validated."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")  # the file starts with its header's length, a little-endian u64
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def loaded_bytes(path: str | Path, dtype: torch.dtype | None = None) -> int:
+    """The memory the tensors of a safetensors file take once read, floating ones in `dtype` if given."""
+    try:
+        _, header = _safetensors_header(Path(path))
+        stored = {name: _STORED[entry["dtype"]] for name, entry in header.items()}
+        return sum(
+            math.prod(entry["shape"]) * (dtype if dtype and stored[name].is_floating_point else stored[name]).itemsize
+            for name, entry in header.items()
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}): convert the checkpoint again") from None
+
+
+def _read_converted(path: Path, data_start: int, header: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Read each tensor with plain file reads into one reused buffer (no mapping keeps pages resident), then copy it
+    out converted: the peak is the converted weights plus the largest stored tensor."""
+    buffer = torch.empty(max((end - begin for begin, end in (e["data_offsets"] for e in header.values())), default=0),
+                         dtype=torch.uint8)  # fmt: skip
+    tensors = {}
+    with open(path, "rb") as f:
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            f.seek(data_start + begin)
+            f.readinto(buffer[: end - begin].numpy())
+            stored = buffer[: end - begin].view(_STORED[entry["dtype"]]).reshape(entry["shape"])
+            tensors[name] = stored.to(device, dtype if stored.is_floating_point() else stored.dtype, copy=True)
+    return tensors
 
 
 def read_config(folder: str | Path) -> MirageConfig:
@@ -84,6 +143,13 @@ def build_model(
     state_dict = {k: v.to(device) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def load_model(
+    make: Callable[[], M], path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> M:
+    """`make()` with the weights of one safetensors file, in `dtype` if given, on `device`."""
+    return build_model(make, read_safetensors(path, device, dtype), device, dtype, source=str(path))
 
 
 # Photoroom's training codebase (Photoroom/PRX models/prx.py) -> diffusers, inside `blocks.{i}.`;

@@ -8,7 +8,6 @@ layers) are moved in one at a time just before they run, so the device holds one
 
 import os
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -56,10 +55,9 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
 
 
-def is_ample(device: torch.device, weight_files: list[Path]) -> bool:
-    """Whether `device` has room to keep every model loaded (AMPLE_FACTOR x the weights' size)."""
-    needed = AMPLE_FACTOR * sum(path.stat().st_size for path in weight_files)
-    return available_bytes(device) > needed
+def is_ample(device: torch.device, weight_bytes: int) -> bool:
+    """Whether `device` has room to keep every model loaded (AMPLE_FACTOR x the weights' size as loaded)."""
+    return available_bytes(device) > AMPLE_FACTOR * weight_bytes
 
 
 def available_bytes(device: torch.device) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 from . import lora, memory
 from .autoencoder import decode_latents
 from .configs import MirageConfig
-from .loading import CheckpointError, build_model, read_config, read_safetensors
+from .loading import CheckpointError, load_model, loaded_bytes, read_config
 from .precision import run_dtype
 from .prompt_cleaning import basic_clean, clean_prompt
 from .sampling import denoise, flow_match_sigmas
@@ -171,7 +171,7 @@ class MiragePipeline:
         dtype = run_dtype(model_class, self.dtype, self.device)
         path = self.folder / f"{name}.safetensors"
         home = torch.device("cpu") if self.offload else self.device
-        model = build_model(lambda: model_class(model_config), read_safetensors(path), home, dtype, source=str(path))
+        model = load_model(lambda: model_class(model_config), path, home, dtype)
         if self.offload == "sequential":
             memory.stream_blocks(model, self.device)
         if self.compile and name == "transformer":
@@ -191,6 +191,11 @@ class MiragePipeline:
     def vae(self) -> nn.Module:
         return self.model("vae")
 
+    def loaded_bytes(self, name: str) -> int:
+        """The memory model `name` takes once loaded, in the dtype it runs in."""
+        model_class, _ = component(self.config, name)
+        return loaded_bytes(self.folder / f"{name}.safetensors", run_dtype(model_class, self.dtype, self.device))
+
     def running(self, name: str):
         """Context in which model `name` sits on the device (a no-op unless offloading model by model)."""
         return memory.on_device(self.model(name), self.device, enabled=self.offload == "model")
@@ -199,7 +204,7 @@ class MiragePipeline:
         """Drop the text encoder after encoding unless it was asked to stay, or memory is ample."""
         keep = self.keep_text_encoder
         if keep is None:
-            keep = memory.is_ample(self.device, [self.folder / f"{c}.safetensors" for c in COMPONENTS])
+            keep = memory.is_ample(self.device, sum(map(self.loaded_bytes, COMPONENTS)))
         if not keep:
             self.models.pop("text_encoder", None)
 

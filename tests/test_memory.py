@@ -1,9 +1,15 @@
-"""Lazy loading, freeing the text encoder, offload modes and compiled blocks change no output."""
+"""Lazy loading, freeing the text encoder, offload modes and compiled blocks change no output; converting
+reads hold one copy of the weights."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mirage import memory
+from mirage.loading import CheckpointError, loaded_bytes, read_safetensors
 from mirage.pipeline import MiragePipeline
 
 PROMPT = "a lighthouse on a cliff at dawn"
@@ -63,3 +69,50 @@ def test_compiled_blocks_equal_eager(mirage_flux, baseline):
     pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", compile=True)
     torch._dynamo.reset()
     assert torch.allclose(generate(pipe), baseline, rtol=1e-4, atol=1e-5)
+
+
+def test_converting_read_equals_the_mapped_read(tmp_path):
+    """Every stored dtype read into every floating dtype: the values of the memory-mapped read, converted."""
+    path = tmp_path / "mixed.safetensors"
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.bf16": torch.randn(3, 5, generator=g).bfloat16(),
+        "b.f16": torch.randn(7, generator=g).half(),
+        "c.f32": torch.randn(2, 2, 2, generator=g),
+        "d.empty": torch.zeros(0, 4),
+        "e.int": torch.arange(6).reshape(2, 3),
+    }
+    save_file(tensors, path, metadata={"format": "pt"})
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        read = read_safetensors(path, dtype=dtype)
+        assert read.keys() == tensors.keys()
+        assert loaded_bytes(path, dtype) == sum(tensor.nbytes for tensor in read.values())
+        for name, tensor in load_file(path).items():
+            expected = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            assert read[name].dtype == expected.dtype and torch.equal(read[name], expected), name
+    path.write_bytes(path.read_bytes()[:-8])  # truncated data
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        read_safetensors(path, dtype=torch.float32)
+
+
+# The peak RSS of this process image; not ru_maxrss, which a child starts with the RSS of the parent it forked from.
+PEAK_SCRIPT = """
+import re, sys, torch
+from mirage.loading import read_safetensors
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
+before = peak()
+tensors = read_safetensors(sys.argv[1], dtype=torch.float32)
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc")
+def test_converting_read_never_holds_the_file_and_its_conversion(tmp_path):
+    """Loading 256 MiB of bf16 weights in fp32 grows peak memory by the 512 MiB of fp32 weights plus one stored tensor
+    (16 MiB); a memory-mapped conversion would keep the whole bf16 file resident too (768 MiB)."""
+    path = tmp_path / "bf16.safetensors"
+    save_file({f"w{i}": torch.ones(2048, 4096, dtype=torch.bfloat16) for i in range(16)}, path)
+    script = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+    fp32_bytes = 16 * 2048 * 4096 * 4
+    assert fp32_bytes <= int(script.stdout) < 1.1 * fp32_bytes
