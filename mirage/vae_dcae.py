@@ -313,16 +313,9 @@ class DCAE(nn.Module):
     def __init__(self, config: DCAEConfig):
         super().__init__()
         self.config = config
+        self.spatial_compression, self.latent_channels = config.spatial_compression, config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-
-    @property
-    def spatial_compression(self) -> int:
-        return self.config.spatial_compression
-
-    @property
-    def latent_channels(self) -> int:
-        return self.config.latent_channels
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1], H and W multiples of 32 -> raw (unscaled) latents [B, 32, H/32, W/32]."""

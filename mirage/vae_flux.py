@@ -196,19 +196,12 @@ class FluxVAE(nn.Module):
     def __init__(self, config: FluxVAEConfig = FluxVAEConfig()):
         super().__init__()
         self.config = config
+        self.spatial_compression, self.latent_channels = config.spatial_compression, config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         latent = config.latent_channels
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
-
-    @property
-    def spatial_compression(self) -> int:
-        return self.config.spatial_compression
-
-    @property
-    def latent_channels(self) -> int:
-        return self.config.latent_channels
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> raw latents [B, C_latent, H/f, W/f].

@@ -36,3 +36,27 @@ def assert_parity(ours: torch.Tensor, ref: torch.Tensor, tol: float = 2e-5) -> N
     assert torch.isfinite(ref).all(), "reference output is not finite"
     err = max_rel_err(ours, ref)
     assert err <= tol, f"max |ours - ref| / max(1, max|ref|) = {err:.3g} > {tol:.1g}"
+
+
+def assert_channels_last_decode(vae, latents: torch.Tensor) -> None:
+    """On CPU `vae.decode` runs channels-last (faster convolutions): the decoder's last convolution sees an NHWC
+    tensor, and the image, returned contiguous, equals the default-layout (NCHW) decode."""
+    layouts = []
+    last_conv = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    hook = last_conv.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    decoded = vae.decode(latents)
+    hook.remove()
+    assert layouts == [True] and decoded.is_contiguous()
+    post_quant_conv = getattr(vae, "post_quant_conv", None)
+    assert_parity(decoded, vae.decoder(post_quant_conv(latents) if post_quant_conv else latents), tol=5e-6)
+
+
+def assert_inputs_untouched(vae, latents: torch.Tensor, images: torch.Tensor) -> None:
+    """In-place operations run on temporaries only: decode and encode leave their inputs as they were, and
+    repeated calls give bit-identical outputs."""
+    latents_copy, images_copy = latents.clone(), images.clone()
+    first_decoded, first_latents = vae.decode(latents), vae.encode(images)
+    assert torch.equal(latents, latents_copy) and torch.equal(images, images_copy)
+    assert torch.equal(vae.decode(latents), first_decoded) and torch.equal(vae.encode(images), first_latents)

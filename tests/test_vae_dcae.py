@@ -13,7 +13,7 @@ from mirage import vae_dcae
 from mirage.configs import DCAE_SANA_1_0, DCAE_SANA_1_1, DCAEConfig
 from mirage.loading import build_model
 from mirage.vae_dcae import DCAE
-from parity import assert_parity, max_rel_err, randomize_
+from parity import assert_channels_last_decode, assert_inputs_untouched, assert_parity, max_rel_err, randomize_
 
 # mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers/config.json as published (no shortcut or head-activation
 # keys, downsample type spelled "Conv").
@@ -254,26 +254,10 @@ def test_in_place_temporaries_leave_inputs_untouched(tiny_pair):
     """Activations, norms and residual sums run in place on temporaries only: inputs stay, calls repeat exactly."""
     _, ours = tiny_pair
     gen = torch.Generator().manual_seed(3)
-    latents = torch.randn(2, 8, 4, 6, generator=gen)
-    images = torch.rand(2, 3, 32, 48, generator=gen) * 2 - 1
-    latents_copy, images_copy = latents.clone(), images.clone()
-    first_decoded, first_latents = ours.decode(latents), ours.encode(images)
-    assert torch.equal(latents, latents_copy) and torch.equal(images, images_copy)
-    assert torch.equal(ours.decode(latents), first_decoded) and torch.equal(ours.encode(images), first_latents)
+    assert_inputs_untouched(ours, torch.randn(2, 8, 4, 6, generator=gen), torch.rand(2, 3, 32, 48, generator=gen) * 2 - 1)
 
 
 @torch.no_grad()
 def test_channels_last_decode_is_the_same_decode(tiny_pair):
-    """On CPU the decoder runs channels-last (faster convolutions): its layers see NHWC tensors, and the image equals
-    the one decoded in the default layout, returned contiguous."""
     _, ours = tiny_pair
-    latents = 2.5 * torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(4))
-    layouts = []
-    last_conv = [m for m in ours.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    hook = last_conv.register_forward_pre_hook(
-        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
-    )
-    decoded = ours.decode(latents)
-    hook.remove()
-    assert layouts == [True] and decoded.is_contiguous()
-    assert_parity(decoded, ours.decoder(latents), tol=5e-6)  # the default (NCHW) layout all the way
+    assert_channels_last_decode(ours, 2.5 * torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(4)))

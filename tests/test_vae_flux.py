@@ -8,7 +8,7 @@ from diffusers import AutoencoderKL
 
 from mirage.configs import FluxVAEConfig
 from mirage.vae_flux import FluxVAE
-from parity import assert_parity, max_rel_err, randomize_
+from parity import assert_channels_last_decode, assert_inputs_untouched, assert_parity, max_rel_err, randomize_
 
 # vae/config.json of black-forest-labs/FLUX.1-dev, as the PRX Flux checkpoints ship it.
 FLUX1_VAE_CONFIG = {
@@ -195,25 +195,10 @@ def test_in_place_temporaries_leave_inputs_untouched():
     """SiLU and the residual sums run in place on temporaries only: inputs stay as they were, calls repeat exactly."""
     ours, _ = pair(tiny_kl_config(), seed=5)
     gen = torch.Generator().manual_seed(5)
-    z = torch.randn(2, 16, 4, 6, generator=gen)
-    images = torch.rand(2, 3, 16, 24, generator=gen) * 2 - 1
-    z_copy, images_copy = z.clone(), images.clone()
-    first_decoded, first_latents = ours.decode(z), ours.encode(images)
-    assert torch.equal(z, z_copy) and torch.equal(images, images_copy)
-    assert torch.equal(ours.decode(z), first_decoded) and torch.equal(ours.encode(images), first_latents)
+    assert_inputs_untouched(ours, torch.randn(2, 16, 4, 6, generator=gen), torch.rand(2, 3, 16, 24, generator=gen) * 2 - 1)
 
 
 @torch.no_grad()
 def test_channels_last_decode_is_the_same_decode():
-    """On CPU the decoder runs channels-last (faster convolutions): its layers see NHWC tensors, and the image equals
-    the one decoded in the default layout, returned contiguous."""
     ours, _ = pair(tiny_kl_config(), seed=6)
-    z = torch.randn(2, 16, 5, 7, generator=torch.Generator().manual_seed(6)) * 2
-    layouts = []
-    hook = ours.decoder.conv_out.register_forward_pre_hook(
-        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
-    )
-    decoded = ours.decode(z)
-    hook.remove()
-    assert layouts == [True] and decoded.is_contiguous()
-    assert_parity(decoded, ours.decoder(z), tol=5e-6)  # the default (NCHW) layout all the way
+    assert_channels_last_decode(ours, torch.randn(2, 16, 5, 7, generator=torch.Generator().manual_seed(6)) * 2)
