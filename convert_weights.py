@@ -37,9 +37,9 @@ from mirage.configs import (
 )
 from mirage.loading import CheckpointError, check_state_dict, read_safetensors, rename_original_key
 from mirage.pipeline import COMPONENTS, component
+from mirage.precision import DTYPES
 from mirage.tokenizer import sentencepiece_model_from_tokenizer_json
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VAE_CLASS_NAMES = {"AutoencoderKL": "flux", "AutoencoderDC": "dc-ae"}
 
 # Black Forest Labs' `ae.safetensors` (the original LDM naming) -> diffusers AutoencoderKL, per name part.

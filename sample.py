@@ -246,11 +246,10 @@ def make_many(options: Options, weights: Path, started: float) -> None:
 
 def load_pipeline(options: Options, weights: Path, device):
     """The checkpoint on `device` in --dtype, with every --lora applied."""
-    import torch
-
     from mirage.pipeline import MiragePipeline
+    from mirage.precision import DTYPES
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(options.dtype)
+    dtype = DTYPES.get(options.dtype)
     # One run encodes its prompts once: free the text encoder before the transformer is read.
     pipe = MiragePipeline.from_pretrained(
         weights, device=device, dtype=dtype, offload=options.offload, keep_text_encoder=False, compile=options.compile

@@ -16,7 +16,9 @@ pipelines:
 - vae: one decode of the same latents, only the VAE loaded;
 - e2e: loading each pipeline from its folder and one generation of --steps steps through its public
   call, timed together (mirage reads each model on first use); its peak memory is what a user sees
-  (CPU: peak RSS, CUDA: peak allocated).
+  (CPU: peak RSS, CUDA: peak allocated). On CUDA a second, warm generation is timed too ("generate").
+  --offload model|sequential offloads on both sides (diffusers' enable_*_cpu_offload, needs accelerate);
+  --compile compiles our transformer blocks (step and e2e).
 Components report the best of --repeats runs, and of --rounds worker processes per side (alternating
 sides). The table gives wall time (and, on CPU, the ratio of the processes' CPU times, steadier than wall
 time on a shared machine), ours / reference, the speedup, and the largest difference between the two
@@ -137,16 +139,41 @@ def reference_vae(s: dict, inputs: dict, timer: Timer) -> dict:
 def reference_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
     from diffusers import PRXPipeline
 
-    def load_and_generate():
-        pipe = PRXPipeline.from_pretrained(s["prx"], torch_dtype=s["dtype"]).to(s["device"])
+    def load():
+        pipe = PRXPipeline.from_pretrained(s["prx"], torch_dtype=s["dtype"])
+        if s.get("offload") == "model":
+            pipe.enable_model_cpu_offload(device=s["device"])
+        elif s.get("offload") == "sequential":
+            pipe.enable_sequential_cpu_offload(device=s["device"])
+        else:
+            pipe.to(s["device"])
         pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def generate(pipe):
         return pipe(
             inputs["prompt"], negative_prompt=inputs["negative"], height=s["resolution"], width=s["resolution"],
             num_inference_steps=s["steps"], guidance_scale=s["guidance"],
             latents=inputs["noise"].to(s["device"], s["dtype"]), output_type="pt", use_resolution_binning=False,
         ).images  # fmt: skip
 
-    return {"images": timer("e2e", load_and_generate, 1)}
+    return time_e2e(s, timer, load, generate)
+
+
+def time_e2e(s: dict, timer: Timer, load, generate) -> dict:
+    """Loading and a first generation, timed together; on CUDA also a second generation ("generate"), where
+    loading is most of the first one."""
+    pipe = None
+
+    def load_and_generate():
+        nonlocal pipe
+        pipe = load()
+        return generate(pipe)
+
+    images = timer("e2e", load_and_generate, 1)
+    if s["device"].type == "cuda":
+        images = timer("generate", lambda: generate(pipe))
+    return {"images": images}
 
 
 # ---- ours ------------------------------------------------------------------------------------------------------
@@ -190,6 +217,9 @@ def ours_step(s: dict, inputs: dict, timer: Timer) -> dict:
 
     config = read_config(s["mirage"])
     model = build(s, "transformer", MirageTransformer, config.transformer, timer)
+    if s.get("compile"):
+        for block in model.blocks:  # as MiragePipeline(compile=True); the first run compiles, --repeats >= 2
+            block.compile()
     dtype = model.dtype
     noise = inputs["noise"].to(s["device"], dtype)
     embeds, mask = inputs["text"].to(s["device"], dtype), inputs["text_mask"].to(s["device"])
@@ -220,8 +250,12 @@ def ours_vae(s: dict, inputs: dict, timer: Timer) -> dict:
 def ours_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
     from mirage.pipeline import MiragePipeline
 
-    def load_and_generate():  # MiragePipeline reads each model on first use, so loading is timed with the call
-        pipe = MiragePipeline.from_pretrained(s["mirage"], device=s["device"], dtype=s["dtype"])
+    def load():  # MiragePipeline reads each model on first use, so most loading happens in the first call
+        return MiragePipeline.from_pretrained(
+            s["mirage"], device=s["device"], dtype=s["dtype"], offload=s.get("offload"), compile=s.get("compile", False)
+        )
+
+    def generate(pipe):
         return pipe(
             inputs["prompt"], negative_prompt=inputs["negative"], height=s["resolution"], width=s["resolution"],
             num_inference_steps=s["steps"], guidance_scale=s["guidance"],
@@ -229,7 +263,7 @@ def ours_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
             progress=False,
         )  # fmt: skip
 
-    return {"images": timer("e2e", load_and_generate, 1)}
+    return time_e2e(s, timer, load, generate)
 
 
 WORKERS = {
@@ -366,7 +400,9 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
         f"load average {load[0]:.1f} before, {load[1]:.1f} after",
         f"{settings['device']} {settings['dtype']}, {settings['resolution']} px, {settings['vae']} VAE, "
         f"CFG {settings['guidance']}, prompt {inputs['prompt_tokens']} tokens, negative {inputs['negative_tokens']}; "
-        f"components: best of {settings['repeats']} runs x {settings['rounds']} rounds",
+        f"components: best of {settings['repeats']} runs x {settings['rounds']} rounds"
+        f"{'; ours compiled' if settings.get('compile') else ''}"
+        f"{'; offload ' + settings['offload'] + ' (both sides)' if settings.get('offload') else ''}",
         "",
         f"{'':40}{'reference':>11}{'mirage':>10}{'ours/ref':>9}{'speedup':>9}{'CPU time' if cpu else '':>10}"
         "  max difference",
@@ -377,21 +413,27 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
         "step": f"one denoising step (CFG, {settings['resolution']} px)",
         "vae": "VAE decode",
         "e2e": f"load + generate ({settings['steps']} steps)",
+        "generate": f"  generate, warm ({settings['steps']} steps)",
     }
+    extra_rows = {"step": "text side", "e2e": "generate"}
     for part in PARTS:
         if part not in results["ours"]:
             continue
         ours, ref = results["ours"][part], results["reference"][part]
-        rows = [(part, labels[part])] + ([("text side", labels["text side"])] if part == "step" else [])
+        rows = [(key, labels[key]) for key in (part, extra_rows.get(part)) if key in ours["wall"]]
         for key, label in rows:
             o = ours["wall"][key]
             if key not in ref["wall"]:
-                lines.append(f"{label:40}{'-':>11}{o:9.2f}s")
+                lines.append(f"{label:40}{'-':>11}{seconds(o):>10}")
                 continue
             r = ref["wall"][key]
             cpu_ratio = f"{ours['cpu'][key] / ref['cpu'][key]:10.2f}" if cpu else ""
             diff = difference(part, ours["outputs"], ref["outputs"]) if key == part else ""
-            lines.append(f"{label:40}{r:10.2f}s{o:9.2f}s{o / r:9.2f}{r / o:8.2f}x{cpu_ratio}  {diff}")
+            lines.append(f"{label:40}{seconds(r):>11}{seconds(o):>10}{o / r:9.2f}{r / o:8.2f}x{cpu_ratio}  {diff}")
+        if part == "step":
+            flops = step_flops(settings, inputs)
+            label = f"  model TFLOP/s ({flops / 1e12:.2f} TFLOP a step)"
+            lines.append(f"{label:40}{flops / ref['wall']['step'] / 1e12:10.1f} {flops / ours['wall']['step'] / 1e12:9.1f}")
         r_mem, o_mem = ref["peak_memory"] / 1e9, ours["peak_memory"] / 1e9
         label = f"  {memory_name}, {part} process"
         lines.append(f"{label:40}{r_mem:9.2f}GB{o_mem:8.2f}GB{o_mem / r_mem:9.2f}")
@@ -407,8 +449,26 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
             projected[side] = wall["text"] + wall.get("text side", 0) + settings["steps"] * wall["step"] + wall["vae"]
         r, o = projected["reference"], projected["ours"]
         label = f"projected: text + {settings['steps']} steps + decode"
-        lines.append(f"{label:40}{r:10.2f}s{o:9.2f}s{o / r:9.2f}{r / o:8.2f}x")
+        lines.append(f"{label:40}{seconds(r):>11}{seconds(o):>10}{o / r:9.2f}{r / o:8.2f}x")
     return "\n".join(lines)
+
+
+def seconds(t: float) -> str:
+    return f"{t:.2f} s" if t >= 1 else f"{t * 1000:.1f} ms"
+
+
+def step_flops(settings: dict, inputs: dict) -> float:
+    """The model FLOPs of one CFG step (batch 2): the linear layers on the image tokens and the attention of
+    image queries over image and prompt keys; what a step must compute, whichever way it is computed."""
+    from mirage.loading import read_config
+
+    config = read_config(settings["mirage"]).transformer
+    f = 8 if settings["vae"] == "flux" else 32
+    tokens = (settings["resolution"] // (f * config.patch_size)) ** 2
+    keys = tokens + inputs["prompt_tokens"]
+    d, d_mlp = config.hidden_size, int(config.hidden_size * config.mlp_ratio)
+    macs_per_token = 4 * d * d + 3 * d * d_mlp + 2 * keys * d  # qkv + out, gate + up + down, QK^T and PV
+    return 2 * 2 * config.depth * tokens * macs_per_token
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -424,6 +484,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure (default: all)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per component, the fastest reported (default: 2)")
     parser.add_argument("--rounds", type=int, default=1, help="worker processes per side and part (default: 1)")
+    parser.add_argument("--compile", action="store_true", help="ours: compile the transformer blocks (step, e2e)")
+    parser.add_argument("--offload", choices=("model", "sequential"), help="e2e: both sides offload models (CUDA)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache ({DEFAULT_CACHE})")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per worker process (default: 1800)")
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "PART"), help=argparse.SUPPRESS)
@@ -455,6 +517,7 @@ def main(argv=None) -> None:
     settings = dict(
         prx=str(prx), mirage=str(mirage), device=args.device, dtype=args.dtype, resolution=args.resolution,
         steps=args.steps, guidance=args.guidance, vae=args.vae, repeats=args.repeats, rounds=args.rounds,
+        compile=args.compile, offload=args.offload,
     )  # fmt: skip
     (run_dir / "settings.json").write_text(json.dumps(settings, indent=2))
     inputs = make_inputs(settings, args.prompt_tokens, args.negative_tokens)

@@ -41,11 +41,16 @@ def read_safetensors(
         with safe_open(path, "pt"):  # validates the header and the data offsets
             pass
         data_start, header = _safetensors_header(path)
-        if dtype is None or all(entry["dtype"] == _STORED_NAMES[dtype] for entry in header.values()):
+        stored = {_STORED[entry["dtype"]] for entry in header.values()}
+        if dtype is None or all(t == dtype or not t.is_floating_point for t in stored):
             return load_file(path, device=str(device))
         return _read_converted(path, data_start, header, torch.device(device), dtype)
     except (SafetensorError, OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({err}): convert the checkpoint again") from None
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file ({err}): convert the checkpoint again")
 
 
 # safetensors' dtype names
@@ -53,7 +58,6 @@ _STORED = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
-_STORED_NAMES = {v: k for k, v in _STORED.items()}
 
 
 def _safetensors_header(path: Path) -> tuple[int, dict]:
@@ -75,7 +79,7 @@ def loaded_bytes(path: str | Path, dtype: torch.dtype | None = None) -> int:
             for name, entry in header.items()
         )
     except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({err}): convert the checkpoint again") from None
+        raise _unreadable(Path(path), err) from None
 
 
 def _read_converted(path: Path, data_start: int, header: dict, device: torch.device, dtype: torch.dtype) -> dict:

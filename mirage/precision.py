@@ -15,6 +15,8 @@ import torch
 
 log = logging.getLogger("mirage")
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names command lines take
+
 
 def run_dtype(model_class: type, requested: torch.dtype, device: str | torch.device) -> torch.dtype:
     """The dtype to run `model_class` in when the pipeline asks for `requested` on `device`."""
