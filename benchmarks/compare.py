@@ -433,7 +433,7 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
         if part == "step":
             flops = step_flops(settings, inputs)
             label = f"  model TFLOP/s ({flops / 1e12:.2f} TFLOP a step)"
-            lines.append(f"{label:40}{flops / ref['wall']['step'] / 1e12:10.1f} {flops / ours['wall']['step'] / 1e12:9.1f}")
+            lines.append(f"{label:40}{flops / ref['wall']['step'] / 1e12:11.3g}{flops / ours['wall']['step'] / 1e12:10.3g}")
         r_mem, o_mem = ref["peak_memory"] / 1e9, ours["peak_memory"] / 1e9
         label = f"  {memory_name}, {part} process"
         lines.append(f"{label:40}{r_mem:9.2f}GB{o_mem:8.2f}GB{o_mem / r_mem:9.2f}")
