@@ -191,7 +191,7 @@ class MiragePipeline:
     def vae(self) -> nn.Module:
         return self.model("vae")
 
-    def loaded_bytes(self, name: str) -> int:
+    def model_bytes(self, name: str) -> int:
         """The memory model `name` takes once loaded, in the dtype it runs in."""
         model_class, _ = component(self.config, name)
         return loaded_bytes(self.folder / f"{name}.safetensors", run_dtype(model_class, self.dtype, self.device))
@@ -204,7 +204,7 @@ class MiragePipeline:
         """Drop the text encoder after encoding unless it was asked to stay, or memory is ample."""
         keep = self.keep_text_encoder
         if keep is None:
-            keep = memory.is_ample(self.device, sum(map(self.loaded_bytes, COMPONENTS)))
+            keep = memory.is_ample(self.device, sum(map(self.model_bytes, COMPONENTS)))
         if not keep:
             self.models.pop("text_encoder", None)
 
