@@ -43,7 +43,8 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+from mirage.precision import DTYPES  # noqa: E402
+
 PARTS = ("text", "step", "vae", "e2e")
 SIDES = ("reference", "ours")
 TOKENIZER_MAX_LENGTH = 256  # PRX's tokenizer_config: the reference pads every prompt to it
@@ -82,10 +83,17 @@ class Timer:
 
 
 def peak_memory(device: torch.device) -> int:
-    """Bytes: the process's peak RSS on CPU, the peak allocated GPU memory on CUDA."""
+    """Bytes: the process's peak RSS on CPU, the peak allocated GPU memory on CUDA.
+
+    On Linux the peak is /proc's VmHWM, this process image's own: ru_maxrss starts a child at the RSS of the
+    parent it forked from."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))  # in kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, the only other source
 
 
 # ---- the reference (each function runs in a worker process of its own) -----------------------------------------
@@ -213,13 +221,12 @@ def ours_text(s: dict, inputs: dict, timer: Timer) -> dict:
 def ours_step(s: dict, inputs: dict, timer: Timer) -> dict:
     from mirage.loading import read_config
     from mirage.sampling import denoise, flow_match_sigmas
-    from mirage.transformer import MirageTransformer
+    from mirage.transformer import MirageTransformer, compile_blocks
 
     config = read_config(s["mirage"])
     model = build(s, "transformer", MirageTransformer, config.transformer, timer)
     if s.get("compile"):
-        for block in model.blocks:  # as MiragePipeline(compile=True); the first run compiles, --repeats >= 2
-            block.compile()
+        compile_blocks(model)  # as MiragePipeline(compile=True); the first run compiles, so use --repeats >= 2
     dtype = model.dtype
     noise = inputs["noise"].to(s["device"], dtype)
     embeds, mask = inputs["text"].to(s["device"], dtype), inputs["text_mask"].to(s["device"])

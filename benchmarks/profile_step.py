@@ -20,7 +20,8 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from mirage.precision import DTYPES  # noqa: E402
+
 
 
 def ours(folder: Path, component: str, dtype, resolution: int, tokens: int):

@@ -30,7 +30,7 @@ from .prompt_cleaning import basic_clean, clean_prompt
 from .sampling import denoise, flow_match_sigmas
 from .text_encoder import T5GemmaEncoder
 from .tokenizer import GemmaTokenizer
-from .transformer import MirageTransformer
+from .transformer import MirageTransformer, compile_blocks
 from .vae_dcae import DCAE
 from .vae_flux import FluxVAE
 
@@ -175,8 +175,7 @@ class MiragePipeline:
         if self.offload == "sequential":
             memory.stream_blocks(model, self.device)
         if self.compile and name == "transformer":
-            for block in model.blocks:  # the repeated block: compiled once, reused depth times per step
-                block.compile()
+            compile_blocks(model)
         return model
 
     @property
