@@ -60,6 +60,7 @@ class Options:
         choices=("model", "sequential"),
     )  # fmt: skip
     compile: bool = option(False, "torch.compile the transformer block (slow first step, faster after)")
+    cuda_graph: bool = option(False, "replay each denoising step as a CUDA graph (CUDA only; fewer kernel launches)")
     lora: list[str] | None = option(
         None, "a LoRA safetensors file to apply, with its scale (default 1); repeat for several",
         action="append", metavar="PATH[:SCALE]",
@@ -252,8 +253,9 @@ def load_pipeline(options: Options, weights: Path, device):
     dtype = DTYPES.get(options.dtype)
     # One run encodes its prompts once: free the text encoder before the transformer is read.
     pipe = MiragePipeline.from_pretrained(
-        weights, device=device, dtype=dtype, offload=options.offload, keep_text_encoder=False, compile=options.compile
-    )
+        weights, device=device, dtype=dtype, offload=options.offload, keep_text_encoder=False,
+        compile=options.compile, cuda_graph=options.cuda_graph,
+    )  # fmt: skip
     for lora_path, scale in map(lora_spec, options.lora or []):
         pipe.load_lora(lora_path, scale, name=str(lora_path))
     return pipe

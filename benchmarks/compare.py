@@ -18,7 +18,8 @@ pipelines:
   call, timed together (mirage reads each model on first use); its peak memory is what a user sees
   (CPU: peak RSS, CUDA: peak allocated). On CUDA a second, warm generation is timed too ("generate").
   --offload model|sequential offloads on both sides (diffusers' enable_*_cpu_offload, needs accelerate);
-  --compile compiles our transformer blocks (step and e2e).
+  --compile compiles our transformer blocks (step and e2e); --cuda-graph replays our denoising steps as a
+  CUDA graph (e2e only: a graph is recorded at a generation's first step, which runs eagerly).
 Components report the best of --repeats runs, and of --rounds worker processes per side (alternating
 sides). The table gives wall time (and, on CPU, the ratio of the processes' CPU times, steadier than wall
 time on a shared machine), ours / reference, the speedup, and the largest difference between the two
@@ -259,8 +260,9 @@ def ours_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
 
     def load():  # MiragePipeline reads each model on first use, so most loading happens in the first call
         return MiragePipeline.from_pretrained(
-            s["mirage"], device=s["device"], dtype=s["dtype"], offload=s.get("offload"), compile=s.get("compile", False)
-        )
+            s["mirage"], device=s["device"], dtype=s["dtype"], offload=s.get("offload"), compile=s.get("compile", False),
+            cuda_graph=s.get("cuda_graph", False),
+        )  # fmt: skip
 
     def generate(pipe):
         return pipe(
@@ -409,6 +411,7 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
         f"CFG {settings['guidance']}, prompt {inputs['prompt_tokens']} tokens, negative {inputs['negative_tokens']}; "
         f"components: best of {settings['repeats']} runs x {settings['rounds']} rounds"
         f"{'; ours compiled' if settings.get('compile') else ''}"
+        f"{'; ours with CUDA graphs' if settings.get('cuda_graph') else ''}"
         f"{'; offload ' + settings['offload'] + ' (both sides)' if settings.get('offload') else ''}",
         "",
         f"{'':40}{'reference':>11}{'mirage':>10}{'ours/ref':>9}{'speedup':>9}{'CPU time' if cpu else '':>10}"
@@ -492,6 +495,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="runs per component, the fastest reported (default: 2)")
     parser.add_argument("--rounds", type=int, default=1, help="worker processes per side and part (default: 1)")
     parser.add_argument("--compile", action="store_true", help="ours: compile the transformer blocks (step, e2e)")
+    parser.add_argument("--cuda-graph", action="store_true", help="ours, e2e: replay the steps as a CUDA graph")
     parser.add_argument("--offload", choices=("model", "sequential"), help="e2e: both sides offload models (CUDA)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache ({DEFAULT_CACHE})")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per worker process (default: 1800)")
@@ -504,6 +508,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not 2 <= args.prompt_tokens <= TOKENIZER_MAX_LENGTH or not 1 <= args.negative_tokens <= TOKENIZER_MAX_LENGTH:
             limit = TOKENIZER_MAX_LENGTH
             parser.error(f"--prompt-tokens must be in [2, {limit}] and --negative-tokens in [1, {limit}]")
+        if args.cuda_graph and (args.device == "cpu" or args.offload == "sequential"):
+            parser.error("--cuda-graph needs --device cuda and no --offload sequential")
         multiple = 16 if args.vae == "flux" else 32  # one latent patch in pixels
         if args.resolution % multiple:
             parser.error(f"--resolution must be a multiple of {multiple} with the {args.vae} VAE")
@@ -524,7 +530,7 @@ def main(argv=None) -> None:
     settings = dict(
         prx=str(prx), mirage=str(mirage), device=args.device, dtype=args.dtype, resolution=args.resolution,
         steps=args.steps, guidance=args.guidance, vae=args.vae, repeats=args.repeats, rounds=args.rounds,
-        compile=args.compile, offload=args.offload,
+        compile=args.compile, cuda_graph=args.cuda_graph, offload=args.offload,
     )  # fmt: skip
     (run_dir / "settings.json").write_text(json.dumps(settings, indent=2))
     inputs = make_inputs(settings, args.prompt_tokens, args.negative_tokens)

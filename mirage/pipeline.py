@@ -27,7 +27,7 @@ from .configs import MirageConfig
 from .loading import CheckpointError, load_model, loaded_bytes, read_config
 from .precision import run_dtype
 from .prompt_cleaning import basic_clean, clean_prompt
-from .sampling import denoise, flow_match_sigmas
+from .sampling import denoise, flow_match_sigmas, require_cuda
 from .text_encoder import T5GemmaEncoder
 from .tokenizer import GemmaTokenizer
 from .transformer import MirageTransformer, compile_blocks
@@ -126,11 +126,17 @@ class MiragePipeline:
         offload: str | None = None,
         keep_text_encoder: bool | None = None,
         compile: bool = False,
+        cuda_graph: bool = False,
     ):
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        if cuda_graph:
+            require_cuda(device)
+        if cuda_graph and offload == "sequential":
+            raise ValueError("CUDA graphs cannot replay sequential offload's weight moves: use offload='model' or none")
         self.folder, self.config, self.tokenizer = Path(folder), config, tokenizer
         self.device, self.dtype, self.offload, self.compile = device, dtype, offload, compile
+        self.cuda_graph = cuda_graph
         self.keep_text_encoder = keep_text_encoder
         self.models: dict[str, nn.Module] = {}  # loaded on first use, see `model`
 
@@ -143,11 +149,14 @@ class MiragePipeline:
         offload: str | None = None,
         keep_text_encoder: bool | None = None,
         compile: bool = False,
+        cuda_graph: bool = False,
     ) -> "MiragePipeline":
         """Open a converted folder for `device` (default: cuda, mps, cpu) in `dtype` (default: bf16 on GPUs, fp32 on
         CPU). Checks the folder now; reads the weights when each model is first used.
 
         keep_text_encoder: keep the text encoder loaded between calls (default: only when memory is ample).
+        compile: torch.compile the transformer blocks. cuda_graph: replay each denoising step as a CUDA graph
+        recorded at the first step (CUDA only). Both give the same images as eager mode, to rounding.
         """
         folder = Path(path)
         config = read_config(folder)
@@ -158,7 +167,7 @@ class MiragePipeline:
         device = torch.device(device) if device is not None else default_device()
         tokenizer = GemmaTokenizer(folder / "tokenizer.model", config.tokenizer)
         dtype = run_dtype(MirageTransformer, dtype or default_dtype(device), device)
-        return cls(folder, config, tokenizer, device, dtype, offload, keep_text_encoder, compile)
+        return cls(folder, config, tokenizer, device, dtype, offload, keep_text_encoder, compile, cuda_graph)
 
     def model(self, name: str) -> nn.Module:
         """The transformer, text encoder or VAE, read from the folder the first time it is asked for."""
@@ -323,7 +332,9 @@ class MiragePipeline:
         schedule = flow_match_sigmas(steps, sampling.shift, sampling.num_train_timesteps, sigmas)
         with self.running("transformer") as transformer:
             context = transformer.encode_text(embeds, masks)  # the text side, once for all steps
-            latents = denoise(transformer, latents, schedule, context, guidance_scale, callback, progress)
+            latents = denoise(
+                transformer, latents, schedule, context, guidance_scale, callback, progress, cuda_graph=self.cuda_graph
+            )
         if not torch.isfinite(latents).all():
             raise FloatingPointError(
                 f"the transformer produced inf/NaN latents in {self.dtype}: run it in bf16 or fp32 (--dtype)"

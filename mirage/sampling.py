@@ -6,10 +6,12 @@ the transformer predicts the velocity v = eps - x0, so one Euler step is x <- x 
 Follows `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)` and the denoising loop of
 `PRXPipeline.__call__` (diffusers 0.42). Deviates by being two free functions instead of a stateful scheduler,
 by guiding batches of any size (the reference crashes beyond one image), by computing every step's adaLN
-modulation before the loop, and by doing the whole Euler update in fp32 (the reference rounds
-(sigma_next - sigma) * v to the model dtype before adding it).
+modulation before the loop, by doing the whole Euler update in fp32 (the reference rounds
+(sigma_next - sigma) * v to the model dtype before adding it), and by optionally replaying the model call of
+each step as a CUDA graph (`StepGraph`).
 """
 
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from mirage.transformer import MirageTransformer, TextContext
+from mirage.transformer import MirageTransformer, Modulation, TextContext
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -64,12 +66,13 @@ def denoise(
     guidance_scale: float = 1.0,
     callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
     progress: bool = False,
+    cuda_graph: bool = False,
 ) -> Tensor:
     """Integrate latents [B, C, H, W] at noise level sigmas[0] down to sigmas[-1]; returns them in their dtype.
 
     text: the context of the 2B rows [uncond; cond] when guidance_scale > 1, else of the B prompts.
     callback(i, sigma, x, v) runs before each update, with the latents x at sigma and the guided velocity v
-    (so x0 = x - sigma * v).
+    (so x0 = x - sigma * v). cuda_graph: record the model call of the first step and replay it (CUDA only).
     """
     guided = guidance_scale > 1  # at 1 the guided velocity is the conditional one: skip the unconditional pass
     if text.batch_size != latents.shape[0] * (2 if guided else 1):
@@ -79,8 +82,9 @@ def denoise(
     model_sigmas = (sigmas[:-1] * NUM_TRAIN_TIMESTEPS / NUM_TRAIN_TIMESTEPS).to(latents.device)
     # The adaLN vectors depend only on sigma: compute every step's at once, one row broadcast over the batch.
     mods = model.modulate(model_sigmas, *latents.shape[-2:])
+    step = StepGraph(model, text) if cuda_graph else partial(model.forward_modulated, text=text)
     for i in tqdm(range(len(sigmas) - 1), disable=not progress):
-        v = model.forward_modulated(torch.cat([latents, latents]) if guided else latents, mods.step(i), text)
+        v = step(torch.cat([latents, latents]) if guided else latents, mods.step(i))
         if guided:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -88,3 +92,60 @@ def denoise(
             callback(i, sigmas[i], latents, v)
         latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(latents.dtype)
     return latents
+
+
+class StepGraph:
+    """The model call of a denoising step, recorded as a CUDA graph at the first step and replayed at the others.
+
+    A step launches hundreds of small kernels (norms, RoPE, gates, attention between the matrix products); at
+    512 px on a fast GPU, launching them one by one from Python costs about as much as running them. A graph
+    launches all of them at once. It reads its inputs from, and writes its output to, the buffers it was
+    recorded with, so each call copies the latents and that step's modulation into them; everything else a
+    step reads (weights, text context, RoPE table) stays put for the whole generation. Recorded once per
+    generation, so a new size, prompt or LoRA scale is simply a new recording.
+    """
+
+    def __init__(self, model: MirageTransformer, text: TextContext):
+        self.model, self.text = model, text
+        self.replay = None
+
+    def __call__(self, x: Tensor, mod: Modulation) -> Tensor:
+        """The velocity of latents x [B, C, H, W] at the noise level of mod, as `forward_modulated` gives it."""
+        if self.replay is None:
+            self.x, self.mod = x.clone(), Modulation(mod.blocks.clone(), mod.final.clone())
+            v, self.replay, self.v = record(self.run, x.device)
+            return v
+        self.x.copy_(x)
+        self.mod.blocks.copy_(mod.blocks)
+        self.mod.final.copy_(mod.final)
+        self.replay()
+        return self.v.clone()  # the next replay overwrites self.v; a caller may keep this one
+
+    def run(self) -> Tensor:
+        return self.model.forward_modulated(self.x, self.mod, self.text)
+
+
+def record(run: Callable[[], Tensor], device: torch.device) -> tuple[Tensor, Callable[[], None], Tensor]:
+    """Call run() once, then record the kernels of a second call as a CUDA graph.
+
+    -> (the first call's output, replay, out): replay() reruns the recorded kernels on the buffers they read
+    when recorded and writes into out. The first call runs on a side stream, as recording needs: it sets up
+    the lazily created state (library handles, workspaces, compiled kernels) that must not be created while
+    recording, and its output is a real step.
+    """
+    require_cuda(device)
+    with torch.cuda.device(device):  # recording and its streams belong to the current device
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            first = run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+    return first, graph.replay, out
+
+
+def require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device}: drop the CUDA graph option")

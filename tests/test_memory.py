@@ -65,6 +65,16 @@ def test_unknown_offload_mode_is_refused(mirage_flux):
         MiragePipeline.from_pretrained(mirage_flux, device="cpu", offload="disk")
 
 
+@pytest.mark.parametrize(
+    "device, offload, message",
+    [("cpu", None, "need a CUDA device, not cpu"), ("cuda", "sequential", "cannot replay sequential offload")],
+)
+def test_cuda_graph_refuses_what_it_cannot_replay(mirage_flux, device, offload, message):
+    # Refused when the pipeline is made: nothing touches the (absent) GPU before it.
+    with pytest.raises(ValueError, match=message):
+        MiragePipeline.from_pretrained(mirage_flux, device, torch.float32, offload=offload, cuda_graph=True)
+
+
 def test_compiled_blocks_equal_eager(mirage_flux, baseline):
     pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", compile=True)
     torch._dynamo.reset()

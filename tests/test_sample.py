@@ -48,6 +48,7 @@ def test_writes_pngs_with_their_settings(mirage_flux, tmp_path):
         (["--output", "taken.png/x.png"], "taken.png"),  # a folder that cannot be made
         (["--weights", "empty"], "not a converted checkpoint"),
         (["--weights", "truncated"], "not a readable safetensors file"),
+        (["--cuda-graph", "--device", "cpu"], "CUDA graphs need a CUDA device"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(mirage_flux, tmp_path, args, message):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
 
+from mirage import sampling
 from mirage.sampling import denoise, flow_match_sigmas
 from parity import assert_parity
 from tests.test_transformer import DCAE_TINY, FLUX_TINY, make_pair
@@ -160,3 +161,49 @@ def test_text_rows_must_match_guidance():
     context = ours.encode_text(embeds[1], masks[1])  # prompt only
     with pytest.raises(ValueError, match="text rows"):
         denoise(ours, torch.randn(1, 16, 4, 4), flow_match_sigmas(2), context, guidance_scale=3.0)
+
+
+def graph_on_the_cpu(run, device):
+    """`sampling.record` as a CUDA graph behaves, without a GPU: replay() reruns the recorded computation on the
+    buffers it read when recorded and writes into the same output tensor."""
+    first, out = run(), run()
+    return first, lambda: out.copy_(run()), out
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
+@torch.no_grad()
+def test_step_graph_feeds_each_replay_its_own_step(guidance_scale, monkeypatch):
+    """Each replay must see that step's latents and modulation, and hand out a velocity the next one keeps."""
+    ours, _ = make_pair(FLUX_TINY, seed=20)
+    embeds, masks = text_inputs(FLUX_TINY, batch=2, seed=21)
+    latents = torch.randn(2, 16, 8, 4, generator=torch.Generator().manual_seed(22))
+    eager, graphed = [], []
+    expected = ours_loop(ours, latents, embeds, masks, 5, guidance_scale, callback=lambda *args: eager.append(args))
+    monkeypatch.setattr(sampling, "record", graph_on_the_cpu)
+    out = ours_loop(
+        ours, latents, embeds, masks, 5, guidance_scale, cuda_graph=True, callback=lambda *args: graphed.append(args)
+    )
+    assert torch.equal(out, expected)
+    for (_, _, x, v), (_, _, x_graphed, v_graphed) in zip(eager, graphed, strict=True):
+        assert torch.equal(x_graphed, x) and torch.equal(v_graphed, v)
+
+
+def test_step_graph_needs_cuda():
+    ours, _ = make_pair(FLUX_TINY)
+    embeds, masks = text_inputs(FLUX_TINY, batch=1, seed=23)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        ours_loop(ours, torch.randn(1, 16, 4, 4), embeds, masks, 2, 3.0, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the CPU test above covers the rest")
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
+@torch.no_grad()
+def test_step_graph_equals_eager_on_cuda(guidance_scale):
+    ours, _ = make_pair(FLUX_TINY, seed=24)
+    ours = ours.cuda()
+    embeds, masks = text_inputs(FLUX_TINY, batch=2, seed=25)
+    embeds = embeds.cuda()
+    latents = torch.randn(2, 16, 8, 12, generator=torch.Generator().manual_seed(26)).cuda()
+    expected = ours_loop(ours, latents, embeds, masks, 6, guidance_scale)
+    out = ours_loop(ours, latents, embeds, masks, 6, guidance_scale, cuda_graph=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
