@@ -107,7 +107,7 @@ class StepGraph:
 
     def __init__(self, model: MirageTransformer, text: TextContext):
         self.model, self.text = model, text
-        self.replay = None
+        self.x = self.mod = self.v = self.replay = None  # the recorded input and output buffers, and the graph
 
     def __call__(self, x: Tensor, mod: Modulation) -> Tensor:
         """The velocity of latents x [B, C, H, W] at the noise level of mod, as `forward_modulated` gives it."""
