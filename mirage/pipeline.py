@@ -132,8 +132,8 @@ class MiragePipeline:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         if cuda_graph:
             require_cuda(device)
-        if cuda_graph and offload == "sequential":
-            raise ValueError("CUDA graphs cannot replay sequential offload's weight moves: use offload='model' or none")
+            if offload == "sequential":
+                raise ValueError("CUDA graphs cannot replay sequential offload's weight moves: use offload='model'")
         self.folder, self.config, self.tokenizer = Path(folder), config, tokenizer
         self.device, self.dtype, self.offload, self.compile = device, dtype, offload, compile
         self.cuda_graph = cuda_graph

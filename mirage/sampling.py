@@ -98,11 +98,11 @@ class StepGraph:
     """The model call of a denoising step, recorded as a CUDA graph at the first step and replayed at the others.
 
     A step launches hundreds of small kernels (norms, RoPE, gates, attention between the matrix products); at
-    512 px on a fast GPU, launching them one by one from Python costs about as much as running them. A graph
-    launches all of them at once. It reads its inputs from, and writes its output to, the buffers it was
-    recorded with, so each call copies the latents and that step's modulation into them; everything else a
-    step reads (weights, text context, RoPE table) stays put for the whole generation. Recorded once per
-    generation, so a new size, prompt or LoRA scale is simply a new recording.
+    512 px on a fast GPU many of them finish sooner than Python can launch the next, leaving the GPU idle
+    between them. A graph launches all of them at once. It reads its inputs from, and writes its output to,
+    the buffers it was recorded with, so each call copies the latents and that step's modulation into them;
+    everything else a step reads (weights, text context, RoPE table) stays put for the whole generation.
+    Recorded once per generation, so a new size, prompt or LoRA scale is simply a new recording.
     """
 
     def __init__(self, model: MirageTransformer, text: TextContext):
