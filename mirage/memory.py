@@ -8,6 +8,7 @@ layers) are moved in one at a time just before they run, so the device holds one
 
 import os
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -33,26 +34,48 @@ def on_device(model: nn.Module, device: torch.device, enabled: bool):
 
 def stream_blocks(model: nn.Module, device: torch.device) -> None:
     """Keep the model's repeated blocks in CPU memory and move each to `device` only while it runs."""
-    blocks = repeated_blocks(model)
-    streamed = {id(p) for block in blocks for p in block.parameters()}
-    for param in model.parameters():
-        if id(param) not in streamed:
-            param.data = param.data.to(device)
-
-    def arrive(block, args):
-        block.to(device)
-
-    def leave(block, args, output):
-        block.to("cpu")
-
-    for block in blocks:
-        block.register_forward_pre_hook(arrive)
-        block.register_forward_hook(leave)
+    for child in model.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                stream(block, device)
+        else:
+            child.to(device)
 
 
-def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of the model's top-level block lists (transformer blocks, encoder layers; none in a VAE)."""
-    return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
+def stream(block: nn.Module, device: torch.device) -> None:
+    """Hooks that bring the block, and each of its parts that owns weights, to `device` for a call. A part
+    called within the block's forward finds itself there already; a part called on its own (the text K/V
+    projection and the modulation run once per generation, outside any block's forward) makes the trip alone."""
+    for module in block.modules():  # the block first
+        if module is block or next(module.parameters(recurse=False), None) is not None:
+            visit_while_called(module, device)
+
+
+def visit_while_called(module: nn.Module, device: torch.device) -> None:
+    """Give the module copies of its weights on `device` for each call, unless they are there already, and
+    its own CPU tensors back after the call: nothing is copied back, since the weights did not change."""
+    undo = []
+
+    def arrive(module, args):
+        if next(module.parameters()).is_cpu:
+            for owner in module.modules():
+                for name, tensor in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
+                    undo.append(partial(setattr, owner, name, tensor))
+                    setattr(owner, name, copy_to(tensor, device))
+
+    def leave(module, args, output):
+        for restore in undo:
+            restore()
+        undo.clear()
+
+    module.register_forward_pre_hook(arrive)
+    module.register_forward_hook(leave)
+
+
+def copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The tensor on `device`; a parameter stays a parameter."""
+    copy = tensor.to(device)
+    return nn.Parameter(copy, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copy
 
 
 def is_ample(device: torch.device, weight_bytes: int) -> bool:
