@@ -62,16 +62,19 @@ def test_block_streaming_runs_every_weight_on_the_device_and_keeps_the_cpu_copy(
     pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", keep_text_encoder=True)
     text_encoder, transformer = models = [pipe.text_encoder, pipe.transformer]
     blocks = [*text_encoder.layers, *transformer.blocks]
-    cpu_weights = [(param, param.data_ptr()) for block in blocks for param in block.parameters()]
+    weights = [param for block in blocks for param in block.parameters()]
+    addresses = [param.data_ptr() for param in weights]
     meta = torch.device("meta")
     for model in models:
         memory.stream_blocks(model, meta)
 
     tokens, real = torch.zeros(2, 7, dtype=torch.long, device=meta), torch.ones(2, 7, dtype=torch.bool, device=meta)
     context = transformer.encode_text(text_encoder(tokens, real))
-    latents = denoise(transformer, torch.zeros(1, 16, 8, 8, device=meta), flow_match_sigmas(2), context, 5.0)
-    assert latents.device == meta
-    assert [(param, param.data_ptr()) for block in blocks for param in block.parameters()] == cpu_weights
+    noise = torch.zeros(1, transformer.config.in_channels, 8, 8, device=meta)
+    assert denoise(transformer, noise, flow_match_sigmas(2), context, 5.0).device == meta
+    now = [param for block in blocks for param in block.parameters()]
+    assert len(now) == len(weights) and all(param is before for param, before in zip(now, weights))
+    assert [param.data_ptr() for param in now] == addresses  # the same parameters on the same CPU memory
     assert {param.device for model in models for param in model.parameters()} == {meta, torch.device("cpu")}
 
 
