@@ -13,7 +13,6 @@ eager mode's (CUDA graphs replay eager's kernels; compiling fuses them, which ro
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
+from compare import Timer  # noqa: E402
 
 from mirage.precision import DTYPES  # noqa: E402
 
@@ -31,7 +31,7 @@ PROMPT_TOKENS, NEGATIVE_TOKENS = 34, 1
 
 @torch.no_grad()
 def worker(folder: Path, mode: str, args: argparse.Namespace, out: Path) -> None:
-    """Time `args.loops` loops of `mode` and save the last loop's latents and the times to `out`."""
+    """Time a cold loop of `mode`, then the best of `args.loops - 1` warm ones; save the times and latents to `out`."""
     from mirage.loading import load_model, read_config
     from mirage.sampling import denoise, flow_match_sigmas
     from mirage.transformer import MirageTransformer, compile_blocks
@@ -48,20 +48,15 @@ def worker(folder: Path, mode: str, args: argparse.Namespace, out: Path) -> None
     side = args.resolution // config.vae.spatial_compression
     latents = torch.randn(1, config.transformer.in_channels, side, side, generator=gen).to(device, dtype)
     sigmas = flow_match_sigmas(args.steps)
-    times = []
-    for _ in range(args.loops):
-        sync(device)
-        start = time.perf_counter()
+
+    def loop():
         context = model.encode_text(embeds, mask)
-        result = denoise(model, latents, sigmas, context, args.guidance, cuda_graph=mode.endswith("graph"))
-        sync(device)
-        times.append(time.perf_counter() - start)
-    torch.save({"times": times, "latents": result.float().cpu()}, out)
+        return denoise(model, latents, sigmas, context, args.guidance, cuda_graph=mode.endswith("graph"))
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    timer = Timer(device, args.loops - 1)
+    timer("cold", loop, 1)
+    result = timer("warm", loop)
+    torch.save({"cold": timer.wall["cold"], "warm": timer.wall["warm"], "latents": result.float().cpu()}, out)
 
 
 def main(argv=None) -> None:
@@ -99,9 +94,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
     print(f"{'mode':16}{'cold loop':>12}{'warm loop':>12}   max |latents - eager|")
     eager = results.get("eager")
     for mode, result in results.items():
-        cold, warm = result["times"][0], min(result["times"][1:])
         difference = f"{(result['latents'] - eager['latents']).abs().max():.2e}" if eager else "-"
-        print(f"{mode:16}{cold:10.3f} s{warm:10.3f} s   {difference}")
+        print(f"{mode:16}{result['cold']:10.3f} s{result['warm']:10.3f} s   {difference}")
 
 
 if __name__ == "__main__":
