@@ -59,7 +59,7 @@ class Options:
         None, "keep weights in CPU memory: 'model' moves each model to the GPU while it runs, 'sequential' each block",
         choices=("model", "sequential"),
     )  # fmt: skip
-    compile: bool = option(False, "torch.compile the transformer block (slow first step, faster after)")
+    compile: bool = option(False, "torch.compile the transformer, text encoder and VAE (slow first call, faster after)")
     cuda_graph: bool = option(False, "replay each denoising step as a CUDA graph (CUDA only; fewer kernel launches)")
     lora: list[str] | None = option(
         None, "a LoRA safetensors file to apply, with its scale (default 1); repeat for several",

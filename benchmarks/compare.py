@@ -18,8 +18,9 @@ pipelines:
   call, timed together (mirage reads each model on first use); its peak memory is what a user sees
   (CPU: peak RSS, CUDA: peak allocated). On CUDA a second, warm generation is timed too ("generate").
   --offload model|sequential offloads on both sides (diffusers' enable_*_cpu_offload, needs accelerate);
-  --compile compiles our transformer blocks (step and e2e); --cuda-graph replays our denoising steps as a
-  CUDA graph (e2e only: a graph is recorded at a generation's first step, which runs eagerly).
+  --compile compiles ours as MiragePipeline(compile=True) does (transformer blocks, text-encoder layers, VAE
+  decoder); --cuda-graph replays our denoising steps as a CUDA graph (e2e only: a graph is recorded at a
+  generation's first step, which runs eagerly).
 Components report the best of --repeats runs, and of --rounds worker processes per side (alternating
 sides). The table gives wall time (and, on CPU, the ratio of the processes' CPU times, steadier than wall
 time on a shared machine), ours / reference, the speedup, and the largest difference between the two
@@ -190,14 +191,17 @@ def time_e2e(s: dict, timer: Timer, load, generate) -> dict:
 
 def build(s: dict, name: str, model_class, config, timer: "Timer"):
     """One of our models as MiragePipeline loads it, in the dtype the pipeline would run it in (which can differ
-    from the requested one: see mirage.precision)."""
+    from the requested one: see mirage.precision), compiled as the pipeline would with --compile (its first run
+    compiles, so use --repeats >= 2)."""
     from mirage.loading import load_model
+    from mirage.pipeline import compile_model
     from mirage.precision import run_dtype
 
     path = Path(s["mirage"]) / f"{name}.safetensors"
     dtype = run_dtype(model_class, s["dtype"], s["device"])
     timer.dtypes[name] = str(dtype).removeprefix("torch.")
-    return timer("load", lambda: load_model(lambda: model_class(config), path, s["device"], dtype), 1)
+    model = timer("load", lambda: load_model(lambda: model_class(config), path, s["device"], dtype), 1)
+    return compile_model(model, name) if s.get("compile") else model
 
 
 def ours_text(s: dict, inputs: dict, timer: Timer) -> dict:
@@ -222,12 +226,10 @@ def ours_text(s: dict, inputs: dict, timer: Timer) -> dict:
 def ours_step(s: dict, inputs: dict, timer: Timer) -> dict:
     from mirage.loading import read_config
     from mirage.sampling import denoise, flow_match_sigmas
-    from mirage.transformer import MirageTransformer, compile_blocks
+    from mirage.transformer import MirageTransformer
 
     config = read_config(s["mirage"])
     model = build(s, "transformer", MirageTransformer, config.transformer, timer)
-    if s.get("compile"):
-        compile_blocks(model)  # as MiragePipeline(compile=True); the first run compiles, so use --repeats >= 2
     dtype = model.dtype
     noise = inputs["noise"].to(s["device"], dtype)
     embeds, mask = inputs["text"].to(s["device"], dtype), inputs["text_mask"].to(s["device"])
@@ -494,7 +496,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure (default: all)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per component, the fastest reported (default: 2)")
     parser.add_argument("--rounds", type=int, default=1, help="worker processes per side and part (default: 1)")
-    parser.add_argument("--compile", action="store_true", help="ours: compile the transformer blocks (step, e2e)")
+    parser.add_argument("--compile", action="store_true", help="ours: compile as MiragePipeline(compile=True)")
     parser.add_argument("--cuda-graph", action="store_true", help="ours, e2e: replay the steps as a CUDA graph")
     parser.add_argument("--offload", choices=("model", "sequential"), help="e2e: both sides offload models (CUDA)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache ({DEFAULT_CACHE})")

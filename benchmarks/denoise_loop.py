@@ -34,13 +34,14 @@ def worker(folder: Path, mode: str, args: argparse.Namespace, out: Path) -> None
     """Time a cold loop of `mode`, then the best of `args.loops - 1` warm ones; save the times and latents to `out`."""
     from mirage.loading import load_model, read_config
     from mirage.sampling import denoise, flow_match_sigmas
-    from mirage.transformer import MirageTransformer, compile_blocks
+    from mirage.pipeline import compile_model
+    from mirage.transformer import MirageTransformer
 
     config = read_config(folder)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = load_model(lambda: MirageTransformer(config.transformer), folder / "transformer.safetensors", device, dtype)
     if mode.startswith("compiled"):
-        compile_blocks(model)
+        compile_model(model, "transformer")
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, PROMPT_TOKENS, config.transformer.context_in_dim, generator=gen).to(device, dtype)
     mask = torch.ones(2, PROMPT_TOKENS, dtype=torch.bool, device=device)

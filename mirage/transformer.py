@@ -343,16 +343,3 @@ class MirageTransformer(nn.Module):
         x = self.final_layer(x, mod.final)  # [B, L_img, C p p]
         return rearrange(x, "b (h w) (c p q) -> b c (h p) (w q)", h=h, p=p, q=p)  # [B, C, h*p, w*p]
 
-
-def compile_blocks(model: MirageTransformer, **options) -> MirageTransformer:
-    """Compile every block of `model` in place with `torch.compile(**options)`; -> the same model.
-
-    The blocks are where a step's time goes (16 identical ones at the published size), so compiling them alone
-    gets most of the gain: the norm, modulation, RoPE and gating steps around the matrix products fuse into
-    a few kernels. Module names and state-dict keys do not change (LoRA layers and loading are unaffected).
-    The first call of each new shape compiles (minutes on a CPU); the results equal eager mode's to rounding.
-    """
-    for block in model.blocks:
-        block.compile(**options)
-    return model
-

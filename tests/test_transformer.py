@@ -243,14 +243,14 @@ def test_bf16_is_as_close_to_fp32_as_the_reference_bf16():
 
 @torch.no_grad()
 def test_compiled_blocks_equal_eager():
-    from mirage.transformer import compile_blocks
+    from mirage.pipeline import compile_model
 
     ours, _ = make_pair(FLUX_TINY, seed=10)
     latents, sigma, text, mask = inputs(FLUX_TINY)
     context = ours.encode_text(text, mask)
     eager = ours(latents, sigma, context)
     keys = list(ours.state_dict())
-    assert compile_blocks(ours) is ours
+    assert compile_model(ours, "transformer") is ours
     assert list(ours.state_dict()) == keys  # names unchanged: loading and LoRA see the same model
     assert max_rel_err(ours(latents, sigma, context), eager) <= 1e-6
 
