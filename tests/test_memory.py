@@ -111,9 +111,11 @@ def test_cuda_graph_refuses_what_it_cannot_replay(mirage_flux, device, offload, 
         MiragePipeline.from_pretrained(mirage_flux, device, torch.float32, offload=offload, cuda_graph=True)
 
 
-def test_compiled_models_equal_eager(mirage_flux):
-    eager = MiragePipeline.from_pretrained(mirage_flux, device="cpu", keep_text_encoder=True)
-    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", compile=True)
+@pytest.mark.parametrize("checkpoint", ["mirage_flux", "mirage_dcae"])
+def test_compiled_models_equal_eager(checkpoint, request):
+    folder = request.getfixturevalue(checkpoint)
+    eager = MiragePipeline.from_pretrained(folder, device="cpu", keep_text_encoder=True)
+    pipe = MiragePipeline.from_pretrained(folder, device="cpu", compile=True)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # other tests compile too
     compiled = generate(pipe, output_type="pt")
