@@ -56,7 +56,7 @@ class Options:
     batch_size: int = option(1, "--prompts-file items per forward pass (items of the same size and settings)")
     save_trajectory: bool = option(False, "also write a strip of the predicted clean image at a few steps")
     offload: str | None = option(
-        None, "keep weights in CPU memory: 'model' moves each model to the GPU while it runs, 'sequential' each block",
+        None, "keep weights in CPU memory: 'model' moves each model to the GPU while it runs, 'sequential' each part",
         choices=("model", "sequential"),
     )  # fmt: skip
     compile: bool = option(False, "torch.compile the transformer, text encoder and VAE (slow first call, faster after)")

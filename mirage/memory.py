@@ -33,7 +33,7 @@ def on_device(model: nn.Module, device: torch.device, enabled: bool):
         model.to("cpu")
 
 
-def stream_blocks(model: nn.Module, device: torch.device) -> None:
+def stream_parts(model: nn.Module, device: torch.device) -> None:
     """Keep the model's weights in CPU memory; each child, or each block of a list of them, visits `device` only
     while it runs, and an embedding table is read where it is."""
     for child in model.children():

@@ -100,10 +100,11 @@ def component(config: MirageConfig, name: str) -> tuple[type[nn.Module], object]
 def compile_model(model: nn.Module, name: str) -> nn.Module:
     """torch.compile the part of model `name` where its time goes, in place; -> the same model.
 
-    Blocks are compiled one by one rather than as a whole model: they share one compiled code (compile time is
-    that of one block), which fuses what runs between the matrix products (norms, RoPE, modulation, gates) into
-    a few kernels. Module names and state-dict keys do not change, so loading and LoRA are unaffected. The first call of each
-    new shape compiles (minutes on a CPU); the results equal eager mode's to rounding.
+    Repeated blocks are compiled one by one rather than as a whole model: they share one compiled code (compile
+    time is that of one block), which fuses what runs between the matrix products (norms, RoPE, modulation,
+    gates) into a few kernels. The VAE's decoder, whose levels all differ, is compiled whole. Module names and
+    state-dict keys do not change, so loading and LoRA are unaffected. The first call of each new shape
+    compiles (seconds on a GPU, minutes on a CPU); the results equal eager mode's to rounding.
     """
     part = getattr(model, COMPILED_PARTS[name])
     for module in part if isinstance(part, nn.ModuleList) else [part]:
@@ -173,7 +174,8 @@ class MiragePipeline:
 
         keep_text_encoder: keep the text encoder loaded between calls (default: only when memory is ample).
         compile: torch.compile the transformer blocks, text-encoder layers and VAE decoder (`compile_model`).
-        cuda_graph: replay each denoising step as a CUDA graph recorded at the first step (CUDA only). Both give the same images as eager mode, to rounding.
+        cuda_graph: replay each denoising step as a CUDA graph recorded at the first step (CUDA only).
+        Both give the same images as eager mode, to rounding.
         """
         folder = Path(path)
         config = read_config(folder)
@@ -199,7 +201,7 @@ class MiragePipeline:
         home = torch.device("cpu") if self.offload else self.device
         model = load_model(lambda: model_class(model_config), path, home, dtype)
         if self.offload == "sequential":
-            memory.stream_blocks(model, self.device)
+            memory.stream_parts(model, self.device)
         if self.compile:
             compile_model(model, name)
         return model

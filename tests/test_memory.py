@@ -68,7 +68,7 @@ def test_block_streaming_runs_every_weight_on_the_device_and_keeps_the_cpu_copy(
     addresses = [param.data_ptr() for param in weights]
     meta = torch.device("meta")
     for model in models:
-        memory.stream_blocks(model, meta)
+        memory.stream_parts(model, meta)
 
     tokens, real = torch.zeros(2, 7, dtype=torch.long, device=meta), torch.ones(2, 7, dtype=torch.bool, device=meta)
     context = transformer.encode_text(text_encoder(tokens, real))
@@ -83,7 +83,7 @@ def test_block_streaming_runs_every_weight_on_the_device_and_keeps_the_cpu_copy(
 
 def test_an_embedding_table_is_read_in_cpu_memory():
     table = torch.nn.Embedding(10, 4)
-    memory.stream_blocks(torch.nn.Sequential(table), torch.device("meta"))
+    memory.stream_parts(torch.nn.Sequential(table), torch.device("meta"))
     rows = table(torch.tensor([[3, 1, 4]]))
     assert rows.device == torch.device("meta") and rows.shape == (1, 3, 4)  # only the rows reach the device
     assert table.weight.device == torch.device("cpu")
