@@ -124,6 +124,23 @@ def test_compiled_models_equal_eager(checkpoint, request):
     assert torch.allclose(compiled, generate(eager, output_type="pt"), rtol=1e-4, atol=1e-5)
 
 
+COLD_EAGER_SCRIPT = """
+import sys
+from mirage.pipeline import MiragePipeline
+MiragePipeline.from_pretrained(sys.argv[1], device="cpu")("a fox", seed=0, num_inference_steps=2, progress=False)
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_a_cold_eager_generation_never_imports_the_compiler(mirage_flux):
+    # Importing torch._dynamo took ~2 s of every cold start; eager mode has no use for it. Building the text
+    # encoder on the meta device pulled it in, through the embedding table's random initialisation.
+    script = subprocess.run(
+        [sys.executable, "-c", COLD_EAGER_SCRIPT, str(mirage_flux)], capture_output=True, text=True, check=True
+    )
+    assert script.stdout.strip() == "False"
+
+
 def test_converting_read_equals_the_mapped_read(tmp_path):
     """Every stored dtype read into every floating dtype: the values of the memory-mapped read, converted."""
     path = tmp_path / "mixed.safetensors"
