@@ -474,9 +474,9 @@ def step_flops(settings: dict, inputs: dict) -> float:
     image queries over image and prompt keys; what a step must compute, whichever way it is computed."""
     from mirage.loading import read_config
 
-    config = read_config(settings["mirage"]).transformer
-    f = 8 if settings["vae"] == "flux" else 32
-    tokens = (settings["resolution"] // (f * config.patch_size)) ** 2
+    mirage = read_config(settings["mirage"])
+    config = mirage.transformer
+    tokens = (settings["resolution"] // (mirage.vae.spatial_compression * config.patch_size)) ** 2
     keys = tokens + inputs["prompt_tokens"]
     d, d_mlp = config.hidden_size, int(config.hidden_size * config.mlp_ratio)
     macs_per_token = 4 * d * d + 3 * d * d_mlp + 2 * keys * d  # qkv + out, gate + up + down, QK^T and PV

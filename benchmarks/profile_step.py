@@ -23,7 +23,6 @@ from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
 from mirage.precision import DTYPES  # noqa: E402
 
 
-
 def ours(folder: Path, component: str, dtype, resolution: int, tokens: int):
     """-> a function running the component once on random inputs of the benchmark's shapes."""
     from mirage.loading import load_model, read_config

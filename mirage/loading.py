@@ -61,7 +61,8 @@ _STORED = {
 
 
 def _safetensors_header(path: Path) -> tuple[int, dict]:
-    """-> (offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a file safetensors has validated."""
+    """-> (offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file (unvalidated:
+    `read_safetensors` has safetensors check the file first)."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")  # the file starts with its header's length, a little-endian u64
         header = json.loads(f.read(size))
