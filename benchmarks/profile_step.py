@@ -2,9 +2,11 @@
 
     python benchmarks/profile_step.py --side ours --component step      # one 512 px CFG step, bf16
     python benchmarks/profile_step.py --side reference --component text --tokens 30
+    python benchmarks/profile_step.py --device cuda --compile          # the GPU kernels of a compiled step
 
 Only the profiled component is loaded, from the checkpoint that benchmarks/compare.py builds and caches.
-The component runs once to warm up, then once under the profiler.
+The component runs once to warm up (twice when compiled), then once under the profiler; on CUDA the table
+lists the GPU kernels by their time.
 """
 
 import argparse
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
@@ -23,9 +26,10 @@ from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
 from mirage.precision import DTYPES  # noqa: E402
 
 
-def ours(folder: Path, component: str, dtype, resolution: int, tokens: int):
+def ours(folder: Path, component: str, dtype, resolution: int, tokens: int, device, compile: bool = False):
     """-> a function running the component once on random inputs of the benchmark's shapes."""
     from mirage.loading import load_model, read_config
+    from mirage.pipeline import compile_model
     from mirage.sampling import flow_match_sigmas
     from mirage.text_encoder import T5GemmaEncoder
     from mirage.transformer import MirageTransformer
@@ -35,27 +39,28 @@ def ours(folder: Path, component: str, dtype, resolution: int, tokens: int):
     config = read_config(folder)
 
     def load(name, make):
-        return load_model(make, folder / f"{name}.safetensors", dtype=dtype)
+        model = load_model(make, folder / f"{name}.safetensors", device, dtype)
+        return compile_model(model, name) if compile else model
 
     if component == "text":
         model = load("text_encoder", lambda: T5GemmaEncoder(config.text_encoder))
-        ids = torch.randint(4, 500, (2, tokens))
+        ids = torch.randint(4, 500, (2, tokens), device=device)
         return lambda: model(ids, torch.ones_like(ids, dtype=torch.bool))
     if component == "step":
         model = load("transformer", lambda: MirageTransformer(config.transformer))
-        f = 8 if config.vae_type == "flux" else 32
-        latents = torch.randn(2, config.transformer.in_channels, resolution // f, resolution // f, dtype=dtype)
-        context = model.encode_text(torch.randn(2, tokens, config.transformer.context_in_dim, dtype=dtype))
-        mod = model.modulate(flow_match_sigmas(28)[:1], *latents.shape[-2:])
+        f = config.vae.spatial_compression
+        latents = torch.randn(2, config.transformer.in_channels, resolution // f, resolution // f, dtype=dtype, device=device)
+        context = model.encode_text(torch.randn(2, tokens, config.transformer.context_in_dim, dtype=dtype, device=device))
+        mod = model.modulate(flow_match_sigmas(28)[:1].to(device), *latents.shape[-2:])
         return lambda: model.forward_modulated(latents, mod, context)
     vae_class = FluxVAE if config.vae_type == "flux" else DCAE
     model = load("vae", lambda: vae_class(config.vae))
     f = model.spatial_compression
-    latents = torch.randn(1, model.latent_channels, resolution // f, resolution // f, dtype=dtype)
+    latents = torch.randn(1, model.latent_channels, resolution // f, resolution // f, dtype=dtype, device=device)
     return lambda: model.decode(latents)
 
 
-def reference(folder: Path, component: str, dtype, resolution: int, tokens: int):
+def reference(folder: Path, component: str, dtype, resolution: int, tokens: int, device):
     from diffusers import AutoencoderDC, AutoencoderKL, PRXTransformer2DModel
     from transformers.models.t5gemma.modeling_t5gemma import T5GemmaEncoder
 
@@ -63,23 +68,23 @@ def reference(folder: Path, component: str, dtype, resolution: int, tokens: int)
         from transformers.models.t5gemma.configuration_t5gemma import T5GemmaConfig
 
         config = T5GemmaConfig.from_pretrained(folder / "text_encoder").encoder
-        model = T5GemmaEncoder.from_pretrained(folder / "text_encoder", config=config, dtype=dtype).eval()
-        ids = torch.randint(4, 500, (2, 256))  # the reference pads every prompt to 256 tokens
-        mask = torch.arange(256) >= 256 - tokens
+        model = T5GemmaEncoder.from_pretrained(folder / "text_encoder", config=config, dtype=dtype).to(device).eval()
+        ids = torch.randint(4, 500, (2, 256), device=device)  # the reference pads every prompt to 256 tokens
+        mask = torch.arange(256, device=device) >= 256 - tokens
         return lambda: model(input_ids=ids, attention_mask=mask.expand(2, -1))
     if component == "step":
-        model = PRXTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype).eval()
+        model = PRXTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype).to(device).eval()
         f = 8 if model.config.in_channels == 16 else 32
-        latents = torch.randn(2, model.config.in_channels, resolution // f, resolution // f, dtype=dtype)
-        text = torch.randn(2, 256, model.config.context_in_dim, dtype=dtype)
-        mask = (torch.arange(256) >= 256 - tokens).expand(2, -1)
-        t = torch.ones(2)
+        latents = torch.randn(2, model.config.in_channels, resolution // f, resolution // f, dtype=dtype, device=device)
+        text = torch.randn(2, 256, model.config.context_in_dim, dtype=dtype, device=device)
+        mask = (torch.arange(256, device=device) >= 256 - tokens).expand(2, -1)
+        t = torch.ones(2, device=device)
         return lambda: model(latents, t, text, mask, return_dict=False)[0]
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     vae_class = AutoencoderKL if vae_config["_class_name"] == "AutoencoderKL" else AutoencoderDC
-    model = vae_class.from_pretrained(folder / "vae", torch_dtype=dtype).eval()
+    model = vae_class.from_pretrained(folder / "vae", torch_dtype=dtype).to(device).eval()
     f = 8 if vae_class is AutoencoderKL else 32
-    latents = torch.randn(1, model.config.latent_channels, resolution // f, resolution // f, dtype=dtype)
+    latents = torch.randn(1, model.config.latent_channels, resolution // f, resolution // f, dtype=dtype, device=device)
     return lambda: model.decode(latents, return_dict=False)[0]
 
 
@@ -93,21 +98,35 @@ def main(argv=None) -> None:
     parser.add_argument("--vae", choices=VAE_TYPES, default="flux", help="checkpoint variant (default: flux)")
     parser.add_argument("--rows", type=int, default=25, help="operators to list (default: 25)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache ({DEFAULT_CACHE})")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--compile", action="store_true", help="compile our component as compile=True does (ours only)")
     args = parser.parse_args(argv)
+    if args.compile and args.side != "ours":
+        parser.error("--compile profiles our compiled models: use it with --side ours")
+    device = torch.device(args.device)
     prx, mirage = ensure_checkpoint(args.cache, args.vae)
-    make = ours if args.side == "ours" else reference
     with torch.no_grad():
-        folder = mirage if args.side == "ours" else prx
-        run = make(folder, args.component, DTYPES[args.dtype], args.resolution, args.tokens)
-        start = time.perf_counter()
-        run()
-        print(f"warm-up run: {time.perf_counter() - start:.2f} s")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        settings = (args.component, DTYPES[args.dtype], args.resolution, args.tokens, device)
+        run = ours(mirage, *settings, args.compile) if args.side == "ours" else reference(prx, *settings)
+        for _ in range(2 if args.compile else 1):  # a compiled model's first call compiles
             start = time.perf_counter()
-            run()
-            elapsed = time.perf_counter() - start
-    print(f"profiled run: {elapsed:.2f} s")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+            timed(run, device)
+            print(f"warm-up run: {time.perf_counter() - start:.2f} s")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            elapsed = timed(run, device)
+    print(f"profiled run: {elapsed:.3f} s")
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=args.rows))
+
+
+def timed(run, device: torch.device) -> float:
+    """Seconds of one call of run, its GPU work included."""
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
