@@ -50,7 +50,10 @@ def ours(folder: Path, component: str, dtype, resolution: int, tokens: int, devi
         model = load("transformer", lambda: MirageTransformer(config.transformer))
         f = config.vae.spatial_compression
         latents = torch.randn(2, config.transformer.in_channels, resolution // f, resolution // f, dtype=dtype, device=device)
-        context = model.encode_text(torch.randn(2, tokens, config.transformer.context_in_dim, dtype=dtype, device=device))
+        embeds = torch.randn(2, tokens, config.transformer.context_in_dim, dtype=dtype, device=device)
+        mask = torch.ones(2, tokens, dtype=torch.bool, device=device)
+        mask[0, :-1] = False  # the CFG batch: an empty negative prompt (one real token), then the prompt
+        context = model.encode_text(embeds, mask)
         mod = model.modulate(flow_match_sigmas(28)[:1].to(device), *latents.shape[-2:])
         return lambda: model.forward_modulated(latents, mod, context)
     vae_class = FluxVAE if config.vae_type == "flux" else DCAE
@@ -77,7 +80,8 @@ def reference(folder: Path, component: str, dtype, resolution: int, tokens: int,
         f = 8 if model.config.in_channels == 16 else 32
         latents = torch.randn(2, model.config.in_channels, resolution // f, resolution // f, dtype=dtype, device=device)
         text = torch.randn(2, 256, model.config.context_in_dim, dtype=dtype, device=device)
-        mask = (torch.arange(256, device=device) >= 256 - tokens).expand(2, -1)
+        real = torch.tensor([[1], [tokens]], device=device)  # an empty negative prompt, then the prompt
+        mask = torch.arange(256, device=device) >= 256 - real  # [2, 256]
         t = torch.ones(2, device=device)
         return lambda: model(latents, t, text, mask, return_dict=False)[0]
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
