@@ -12,7 +12,6 @@ lists the GPU kernels by their time.
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
+from compare import Timer  # noqa: E402
 
 from mirage.precision import DTYPES  # noqa: E402
 
@@ -112,25 +112,16 @@ def main(argv=None) -> None:
     with torch.no_grad():
         settings = (args.component, DTYPES[args.dtype], args.resolution, args.tokens, device)
         run = ours(mirage, *settings, args.compile) if args.side == "ours" else reference(prx, *settings)
-        for _ in range(2 if args.compile else 1):  # a compiled model's first call compiles
-            start = time.perf_counter()
-            timed(run, device)
-            print(f"warm-up run: {time.perf_counter() - start:.2f} s")
+        timer = Timer(device, repeats=1)
+        for run_name in ("warm-up", "second warm-up")[: 2 if args.compile else 1]:  # a compiled first call compiles
+            timer(run_name, run)
+            print(f"{run_name} run: {timer.wall[run_name]:.2f} s")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) as prof:
-            elapsed = timed(run, device)
-    print(f"profiled run: {elapsed:.3f} s")
+            timer("profiled", run)
+    print(f"profiled run: {timer.wall['profiled']:.3f} s")
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=args.rows))
-
-
-def timed(run, device: torch.device) -> float:
-    """Seconds of one call of run, its GPU work included."""
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
