@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,8 +36,8 @@ from mirage.configs import (
     TokenizerConfig,
     TransformerConfig,
 )
-from mirage.loading import CheckpointError, check_state_dict, read_safetensors, rename_original_key
-from mirage.pipeline import COMPONENTS, component
+from mirage.loading import CheckpointError, check_state_dict, read_config, read_safetensors, rename_original_key
+from mirage.pipeline import COMPONENTS, component, load_tokenizer
 from mirage.precision import DTYPES
 from mirage.tokenizer import sentencepiece_model_from_tokenizer_json
 
@@ -77,16 +78,35 @@ def resolve_source(spec: str) -> Path:
         raise CheckpointError(
             f"{spec} is not a local path; to download it from the Hub, pip install huggingface_hub"
         ) from None
-    return Path(snapshot_download(spec))
+    try:
+        return Path(snapshot_download(spec))
+    except Exception as err:  # huggingface_hub raises many types (no such repo, offline, ...); all mean the same here
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{spec} is not a local path, and downloading it from the Hub failed ({reason}): check the path or repo id"
+        ) from None
 
 
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except ValueError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object: is it the right file?")
+    return data
+
+
+@contextmanager
+def reading(path: Path):
+    """Report a malformed entry of the JSON file `path` (a wrong type, a missing key) as a CheckpointError."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+        detail = f"no {err} entry" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(f"{path} is not a config mirage can read ({detail})") from None
 
 
 def read_weights(path: Path, stem: str = "") -> dict[str, torch.Tensor]:
@@ -95,8 +115,12 @@ def read_weights(path: Path, stem: str = "") -> dict[str, torch.Tensor]:
         return read_weights_file(path)
     index = path / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
+        with reading(index):
+            shards = [path / shard for shard in sorted(set(read_json(index)["weight_map"].values()))]
+        missing = [shard for shard in shards if not shard.is_file()]
+        if missing:
+            raise CheckpointError(f"{missing[0]}, listed in {index.name}, is missing: download the checkpoint again")
+        return {k: v for shard in shards for k, v in read_safetensors(shard).items()}
     single = path / f"{stem}.safetensors"
     if not single.is_file():
         raise CheckpointError(f"{path} holds no {stem}.safetensors (nor a sharded index): is it the right folder?")
@@ -122,7 +146,8 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
 def read_transformer(path: Path, latent_channels: int) -> tuple[TransformerConfig, dict]:
     """A diffusers transformer folder, or an original-codebase state dict file (config inferred)."""
     if path.is_dir():
-        config = TransformerConfig.from_diffusers(read_json(path / "config.json"))
+        with reading(path / "config.json"):
+            config = TransformerConfig.from_diffusers(read_json(path / "config.json"))
         return config, read_weights(path, "diffusion_pytorch_model")
     weights = read_weights_file(path)
     if not any(k.startswith("blocks.0.attention.") for k in weights):
@@ -161,7 +186,8 @@ def infer_transformer_config(weights: dict, latent_channels: int) -> Transformer
 
 def read_text_encoder(path: Path) -> tuple[TextEncoderConfig, dict]:
     """A T5Gemma encoder folder, or a full encoder-decoder one: keep the encoder, drop the rest."""
-    config = TextEncoderConfig.from_transformers(read_json(path / "config.json"))
+    with reading(path / "config.json"):
+        config = TextEncoderConfig.from_transformers(read_json(path / "config.json"))
     weights = read_weights(path, "model")
     prefix = next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in weights)), "")
     return config, {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -172,7 +198,8 @@ def read_tokenizer(path: Path) -> tuple[TokenizerConfig, bytes]:
     settings = path / "tokenizer_config.json"
     # transformers 5 keeps BOS/EOS in tokenizer.json's template and drops the flags from the config.
     tokenizer_json = read_json(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
-    config = TokenizerConfig.from_tokenizer_config(read_json(settings) if settings.is_file() else {}, tokenizer_json)
+    with reading(settings if settings.is_file() else path / "tokenizer.json"):
+        config = TokenizerConfig.from_tokenizer_config(read_json(settings) if settings.is_file() else {}, tokenizer_json)
     if (path / "tokenizer.model").is_file():
         return config, (path / "tokenizer.model").read_bytes()
     if tokenizer_json is None:
@@ -191,15 +218,16 @@ def read_vae(path: Path, vae_type: str | None) -> tuple[str, FluxVAEConfig | DCA
         weights = {rename_bfl_vae_key(k): v for k, v in read_weights_file(path).items()}
         return "flux", FluxVAEConfig(), squeeze_attention_convs(weights)
     raw = read_json(path / "config.json")
-    found = VAE_CLASS_NAMES.get(raw.get("_class_name"))
+    class_name = str(raw.get("_class_name"))
+    found = VAE_CLASS_NAMES.get(class_name)
     if found is None:
         raise CheckpointError(
-            f"{path}/config.json describes a {raw.get('_class_name')!r}, not a VAE mirage knows "
-            f"({', '.join(VAE_CLASS_NAMES)})"
+            f"{path}/config.json describes a {class_name!r}, not a VAE mirage knows ({', '.join(VAE_CLASS_NAMES)})"
         )
     if vae_type is not None and vae_type != found:
-        raise CheckpointError(f"{path} holds a {raw['_class_name']} ({found}), but the VAE type was given as {vae_type}")
-    config = FluxVAEConfig.from_diffusers(raw) if found == "flux" else DCAEConfig.from_diffusers(raw)
+        raise CheckpointError(f"{path} holds a {class_name} ({found}), but the VAE type was given as {vae_type}")
+    with reading(path / "config.json"):
+        config = FluxVAEConfig.from_diffusers(raw) if found == "flux" else DCAEConfig.from_diffusers(raw)
     return found, config, read_weights(path, "diffusion_pytorch_model")
 
 
@@ -221,6 +249,17 @@ def squeeze_attention_convs(weights: dict) -> dict:
     }
 
 
+def read_index(path: Path) -> tuple[str | None, int | None]:
+    """model_index.json's VAE type and default_sample_size, where it names them."""
+    index = read_json(path)
+    with reading(path):
+        vae_class = (index.get("vae") or [None, None])[1]  # ["diffusers", "AutoencoderKL"]
+        sample_size = index.get("default_sample_size")
+        if not isinstance(sample_size, int | None):
+            raise TypeError(f"default_sample_size must be an integer, got {sample_size!r}")
+    return VAE_CLASS_NAMES.get(str(vae_class)), sample_size
+
+
 def read_scheduler(path: Path) -> dict:
     """shift and num_train_timesteps of a FlowMatchEulerDiscreteScheduler; other options are not supported."""
     raw = read_json(path / "scheduler_config.json")
@@ -232,7 +271,8 @@ def read_scheduler(path: Path) -> dict:
     }  # fmt: skip
     if raw.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler" or unsupported:
         raise CheckpointError(f"{path} sets scheduler options mirage does not implement: {unsupported or raw['_class_name']}")
-    return {"shift": float(raw.get("shift", 1.0)), "num_train_timesteps": int(raw.get("num_train_timesteps", 1000))}
+    with reading(path / "scheduler_config.json"):
+        return {"shift": float(raw.get("shift", 1.0)), "num_train_timesteps": int(raw.get("num_train_timesteps", 1000))}
 
 
 # ---- assembling a checkpoint -----------------------------------------------------------------
@@ -243,7 +283,7 @@ def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes]:
     src = resolve_source(args.src) if args.src else None
     if src and not (src / "model_index.json").is_file():
         raise CheckpointError(f"{src} has no model_index.json: pass a diffusers-layout folder, or the part flags")
-    index = read_json(src / "model_index.json") if src else {}
+    index_vae_type, sample_size = read_index(src / "model_index.json") if src else (None, None)
 
     def part(flag_value, subfolder):
         if flag_value:
@@ -252,21 +292,22 @@ def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes]:
             raise CheckpointError(f"no {subfolder} found: pass --{subfolder.replace('_', '-')} PATH")
         return src / subfolder
 
-    vae_type = args.vae_type or VAE_CLASS_NAMES.get((index.get("vae") or [None, None])[1])
-    vae_type, vae_config, vae_weights = read_vae(part(args.vae, "vae"), vae_type)
+    vae_type, vae_config, vae_weights = read_vae(part(args.vae, "vae"), args.vae_type or index_vae_type)
     transformer_config, transformer_weights = read_transformer(part(args.transformer, "transformer"), vae_config.latent_channels)
     text_config, text_weights = read_text_encoder(part(args.text_encoder, "text_encoder"))
-    tokenizer_config, tokenizer_model = read_tokenizer(part(args.tokenizer, "tokenizer"))
+    tokenizer_path = part(args.tokenizer, "tokenizer")
+    tokenizer_config, tokenizer_model = read_tokenizer(tokenizer_path)
     scheduler = read_scheduler(src / "scheduler") if src and (src / "scheduler").is_dir() else {}
 
     distilled = "distilled" in " ".join(str(s) for s in (args.src, args.transformer) if s)
     sampling = SamplingConfig(
         **scheduler,
-        num_inference_steps=args.steps or (8 if distilled else 28),
-        guidance_scale=args.guidance or (1.0 if distilled else 4.0),
-        default_sample_size=args.sample_size or index.get("default_sample_size") or 512,
+        num_inference_steps=args.steps if args.steps is not None else 8 if distilled else 28,
+        guidance_scale=args.guidance if args.guidance is not None else 1.0 if distilled else 4.0,
+        default_sample_size=args.sample_size or sample_size or 512,
     )
     config = MirageConfig(transformer_config, text_config, tokenizer_config, vae_type, vae_config, sampling)
+    load_tokenizer(tokenizer_model, config, source=f"the tokenizer in {tokenizer_path}")
     weights = {"transformer": transformer_weights, "text_encoder": text_weights, "vae": vae_weights}
     return config, weights, tokenizer_model
 
@@ -280,10 +321,26 @@ def check_weights(config: MirageConfig, weights: dict[str, dict]) -> None:
         check_state_dict(model, weights[name], source=f"the {name} weights")
 
 
+def check_out(out: Path, force: bool) -> None:
+    """OUT must be new, or with --force a converted checkpoint or an empty folder: never a folder of other files."""
+    if not out.exists():
+        return
+    if not force:
+        raise CheckpointError(f"{out} already exists: pass --force to replace it")
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    try:
+        read_config(out)
+    except CheckpointError:
+        raise CheckpointError(
+            f"{out} is not a converted checkpoint, and --force replaces only those: choose another OUT"
+        ) from None
+
+
 def write_checkpoint(out: Path, config: MirageConfig, weights: dict, tokenizer_model: bytes, dtype, force: bool):
     """Write into a temporary folder beside OUT, then rename: a failure leaves nothing half-written."""
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} already exists: pass --force to replace it")
+    out = out.resolve()  # "." or "a/.." has no name to put a folder beside
+    check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -347,8 +404,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     dtype = DTYPES.get(args.dtype)
     out = Path(args.out)
-    if out.exists() and not args.force:  # fail before reading gigabytes
-        raise CheckpointError(f"{out} already exists: pass --force to replace it")
+    check_out(out, args.force)  # fail before reading gigabytes
     config, weights, tokenizer_model = gather(args)
     check_weights(config, weights)
     write_checkpoint(out, config, weights, tokenizer_model, dtype, args.force)

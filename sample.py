@@ -17,6 +17,7 @@ import argparse
 import math
 import random
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -94,8 +95,17 @@ def check(options: Options) -> None:
         raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.steps is not None and options.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {options.steps}")
-    if options.guidance is not None and options.guidance < 1:
-        raise ValueError(f"--guidance must be >= 1 (1 turns guidance off), got {options.guidance}")
+    if options.guidance is not None and not 1 <= options.guidance < math.inf:
+        raise ValueError(f"--guidance must be a number >= 1 (1 turns guidance off), got {options.guidance}")
+    if options.seed is not None and options.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {options.seed}")
+    if options.output is not None and options.output.suffix.lower() != ".png":
+        raise ValueError(f"--output {options.output}: sample.py writes PNG files, so the name must end in .png")
+    for flag, text in (("--prompt", options.prompt or ""), ("--negative-prompt", options.negative_prompt)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes of another encoding, which Python keeps as lone surrogates
+            raise ValueError(f"{flag} holds bytes that are not UTF-8: pass it in UTF-8") from None
     if options.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {options.num_images}")
     for name in ("height", "width"):
@@ -146,11 +156,19 @@ def output_paths(output: Path | None, count: int, trajectory: bool = False) -> l
     for path in paths:
         if path.exists():
             raise FileExistsError(f"{path} exists: choose another --output (sample.py never overwrites)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(path.name + ".probe")
-        probe.touch()  # fail now, not after minutes of sampling, if the folder is not writable
-        probe.unlink()
+        check_writable(path.parent, "--output")
     return paths
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail now, not after minutes of sampling, if `folder` cannot be made or written in; create nothing."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())  # the filesystem root exists
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{existing} is a file, not a folder: choose another {flag}")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # an unnamed file: nothing is left behind
+    except OSError as err:
+        raise PermissionError(f"cannot write in {existing} ({err.strerror}): choose another {flag}") from None
 
 
 def main(argv=None) -> None:
@@ -159,7 +177,7 @@ def main(argv=None) -> None:
     weights = find_weights(options.weights)
     if options.prompts_file is not None:
         return make_many(options, weights, started)
-    from mirage.jobs import Trajectory, save_png  # after argument parsing: --help and bad flags answer at once
+    from mirage.jobs import Trajectory, write_png  # after argument parsing: --help and bad flags answer at once
 
     paths = output_paths(options.output, options.num_images, options.save_trajectory)
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
@@ -191,7 +209,7 @@ def main(argv=None) -> None:
     }
     strips = trajectory.strips(pipe.vae, images[0].height, images[0].width) if trajectory else []
     for index, (picture, path) in enumerate(zip(images + strips, paths)):  # the images, then their strips
-        save_png(picture, path, {**settings, "image_index": index % len(images)})
+        write_png(picture, path, {**settings, "image_index": index % len(images)})
     elapsed = time.perf_counter() - started
     print(f"wrote {', '.join(map(str, paths))} in {elapsed:.1f} s")
 
@@ -212,6 +230,7 @@ def make_many(options: Options, weights: Path, started: float) -> None:
     )
     items = jobs.read_prompts(options.prompts_file, defaults)  # a bad line stops us before any weight is read
     outdir = options.outdir or Path("outputs") / options.prompts_file.stem
+    check_writable(outdir, "--outdir")
     world = jobs.World.from_env()
     device = world.device(options.device)
     world.start(device)
@@ -270,5 +289,5 @@ def run_settings(options: Options, weights: Path) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, RuntimeError) as err:  # CheckpointError is a RuntimeError
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as err:  # CheckpointError is a RuntimeError
         sys.exit(f"sample.py: error: {err}")

@@ -4,6 +4,7 @@ Each dataclass checks its invariants where it is made, so an impossible configur
 clear ValueError before any weight is allocated.
 """
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 # ---- transformer ----------------------------------------------------------------------------
@@ -493,9 +494,9 @@ class SamplingConfig:
     default_sample_size: int = 512  # the resolution the checkpoint was trained at (256, 512 or 1024)
 
     def __post_init__(self):
-        if self.shift <= 0 or self.num_train_timesteps < 1:
+        if not (0 < self.shift < math.inf) or self.num_train_timesteps < 1:
             raise ValueError(f"shift must be > 0 and num_train_timesteps >= 1, got {self.shift}, {self.num_train_timesteps}")
-        if self.num_inference_steps < 1 or self.guidance_scale < 1:
+        if self.num_inference_steps < 1 or not (1 <= self.guidance_scale < math.inf):
             raise ValueError(
                 f"need num_inference_steps >= 1 and guidance_scale >= 1, got {self.num_inference_steps}, {self.guidance_scale}"
             )

@@ -34,12 +34,11 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from .autoencoder import decode_latents, to_unit_range
-from .pipeline import MiragePipeline, default_device, resize_and_crop, to_pil
+from .pipeline import MAX_SIDE, SEED_RANGE, MiragePipeline, check_device, default_device, resize_and_crop, to_pil
 
 MANIFEST = "manifest.jsonl"
 TRAJECTORIES = "trajectories"  # folder under the output folder for the strips, so it holds one PNG per item
 TRAJECTORY_FRAMES = 5
-SEED_RANGE = 2**64  # what torch.Generator.manual_seed accepts
 
 
 class PromptsFileError(ValueError):
@@ -143,9 +142,11 @@ def _item(settings: dict, index: int, line: int, defaults: Defaults, where: str)
         raise PromptsFileError(f"{where}: empty prompt")
     if not 0 <= item.seed < SEED_RANGE:
         raise PromptsFileError(f"{where}: seed must be in [0, 2**64), got {item.seed}")
-    for key in ("height", "width", "steps"):
-        if getattr(item, key) < 1:
-            raise PromptsFileError(f"{where}: {key} must be at least 1, got {getattr(item, key)}")
+    if item.steps < 1:
+        raise PromptsFileError(f"{where}: steps must be at least 1, got {item.steps}")
+    for key in ("height", "width"):
+        if not 1 <= getattr(item, key) <= MAX_SIDE:
+            raise PromptsFileError(f"{where}: {key} must be 1 to {MAX_SIDE} pixels, got {getattr(item, key)}")
     if not (math.isfinite(item.guidance) and item.guidance >= 1):
         raise PromptsFileError(f"{where}: guidance must be >= 1 (1 turns it off), got {item.guidance}")
     if not re.fullmatch(r"\w[\w.-]{0,199}", item.name):
@@ -221,6 +222,7 @@ class World:
             if device.index is not None:
                 raise ValueError(f"with torchrun LOCAL_RANK picks the GPU: pass --device cuda, not {device}")
             device = torch.device("cuda", self.local_rank)
+        check_device(device)
         return device
 
     def start(self, device: torch.device) -> None:
@@ -262,6 +264,17 @@ def save_png(image: Image.Image, path: Path, settings: dict) -> None:
     info.add_text("prompt", settings["prompt"])
     info.add_text("mirage", json.dumps(settings, default=str))
     image.save(path, format="PNG", pnginfo=info)
+
+
+def write_png(image: Image.Image, path: Path, settings: dict) -> None:
+    """`save_png` through a .partial file renamed into place (making the folder first): a run stopped while
+    writing leaves no truncated PNG under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        save_png(image, _partial(path), settings)
+        os.replace(_partial(path), path)
+    finally:
+        _partial(path).unlink(missing_ok=True)
 
 
 def append_record(path: Path, record: dict) -> None:

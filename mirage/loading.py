@@ -123,9 +123,15 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
         for k, v in expected.items()
         if k in state_dict and state_dict[k].shape != v.shape
     ]
+    not_float = [
+        f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})"
+        for k, v in expected.items()
+        if k in state_dict and v.is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    found = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": misshapen, "not floating point": not_float}
     problems = [
         f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshapen))
+        for label, keys in found.items()
         if keys
     ]
     if problems:

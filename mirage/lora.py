@@ -128,8 +128,8 @@ def check_layer(
             raise LoRAError(f"{source}: {key} must hold finite floating-point values")
     down, up = state_dict[keys["down"]], state_dict[keys["up"]]
     shapes = f"{keys['down']} {tuple(down.shape)} and {keys['up']} {tuple(up.shape)}"
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-        raise LoRAError(f"{source}: {shapes} must be [rank, in] and [out, rank] matrices of one rank")
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
+        raise LoRAError(f"{source}: {shapes} must be [rank, in] and [out, rank] matrices of one rank > 0")
     if (up.shape[0], down.shape[1]) != (linear.out_features, linear.in_features):
         weight = f"{linear.out_features} x {linear.in_features}"
         raise LoRAError(f"{source}: {shapes} do not fit {layer}, whose weight is {weight}")

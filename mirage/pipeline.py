@@ -14,6 +14,7 @@ C latent channels, h/w latent grid, H/W pixels.
 """
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ from .vae_flux import FluxVAE
 log = logging.getLogger("mirage")
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+SEED_RANGE = 2**64  # what torch.Generator.manual_seed takes (it also takes negative seeds; we do not)
+MAX_SIDE = 16384  # pixels: beyond this a request is a typo, and resizing a binned image to it would exhaust memory
 OFFLOAD_MODES = (None, "model", "sequential")
 COMPONENTS = ("transformer", "text_encoder", "vae")
 MODEL_CLASSES = {"transformer": MirageTransformer, "text_encoder": T5GemmaEncoder}
@@ -66,7 +69,7 @@ def nearest_bin(height: int, width: int, sample_size: int) -> tuple[int, int]:
     if sample_size not in ASPECT_RATIO_BINS:
         raise ValueError(
             f"resolution binning knows sample sizes {sorted(ASPECT_RATIO_BINS)}, not {sample_size}: "
-            "pass use_resolution_binning=False"
+            "pass use_resolution_binning=False (--no-binning)"
         )
     bins = ASPECT_RATIO_BINS[sample_size]
     ratio = min(bins, key=lambda r: abs(r - height / width))
@@ -97,6 +100,30 @@ def component(config: MirageConfig, name: str) -> tuple[type[nn.Module], object]
     return model_class, getattr(config, name)  # MirageConfig names its fields after the components
 
 
+def load_tokenizer(model: Path | bytes, config: MirageConfig, source: str) -> GemmaTokenizer:
+    """The checkpoint's tokenizer, or a CheckpointError if it is unreadable or makes ids its text encoder lacks."""
+    try:
+        tokenizer = GemmaTokenizer(model, config.tokenizer)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}: use the model's own tokenizer") from None
+    if tokenizer.vocab_size > config.text_encoder.vocab_size:
+        raise CheckpointError(
+            f"{source} has {tokenizer.vocab_size} pieces, but the text encoder embeds only "
+            f"{config.text_encoder.vocab_size}: the tokenizer belongs to another model"
+        )
+    return tokenizer
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """A FloatingPointError naming the model that made inf/NaN and what to try, instead of a black image."""
+    if torch.isfinite(tensor).all():
+        return
+    advice = {torch.float16: "run it in bf16 or fp32 (--dtype)", torch.bfloat16: "run it in fp32 (--dtype fp32)"}.get(
+        tensor.dtype, "check the weights (convert the checkpoint again) and lower any huge guidance or LoRA scale"
+    )
+    raise FloatingPointError(f"{what} hold inf/NaN in {str(tensor.dtype).removeprefix('torch.')}: {advice}")
+
+
 def compile_model(model: nn.Module, name: str) -> nn.Module:
     """torch.compile the part of model `name` where its time goes, in place; -> the same model.
 
@@ -110,6 +137,17 @@ def compile_model(model: nn.Module, name: str) -> nn.Module:
     for module in part if isinstance(part, nn.ModuleList) else [part]:
         module.compile()
     return model
+
+
+def check_device(device: torch.device) -> None:
+    """A ValueError now, rather than a traceback at the first tensor, for a device this torch cannot use."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device.type not in available:
+        raise ValueError(f"device {str(device)!r} is not one mirage runs on: use cuda, mps or cpu")
+    if not available[device.type]:
+        raise ValueError(f"this torch build sees no {device.type} device: use cpu (or install a torch that has it)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"there is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def default_device() -> torch.device:
@@ -151,7 +189,9 @@ class MiragePipeline:
         if cuda_graph:
             require_cuda(device)
             if offload == "sequential":
-                raise ValueError("CUDA graphs cannot replay sequential offload's weight moves: use offload='model'")
+                raise ValueError(
+                    "CUDA graphs cannot replay sequential offload's weight moves: use offload='model' (--offload model)"
+                )
         self.folder, self.config, self.tokenizer = Path(folder), config, tokenizer
         self.device, self.dtype, self.offload, self.compile = device, dtype, offload, compile
         self.cuda_graph = cuda_graph
@@ -184,7 +224,8 @@ class MiragePipeline:
             if not file.is_file():
                 raise CheckpointError(f"{file} is missing: convert the checkpoint again (python convert_weights.py)")
         device = torch.device(device) if device is not None else default_device()
-        tokenizer = GemmaTokenizer(folder / "tokenizer.model", config.tokenizer)
+        check_device(device)
+        tokenizer = load_tokenizer(folder / "tokenizer.model", config, source=str(folder / "tokenizer.model"))
         dtype = run_dtype(MirageTransformer, dtype or default_dtype(device), device)
         return cls(folder, config, tokenizer, device, dtype, offload, keep_text_encoder, compile, cuda_graph)
 
@@ -251,8 +292,7 @@ class MiragePipeline:
         ids, mask = ids.to(self.device), mask.to(self.device)
         with self.running("text_encoder") as text_encoder:
             embeds = text_encoder(ids, mask)  # [B, L, D]
-        if not torch.isfinite(embeds).all():
-            raise FloatingPointError(f"the text encoder produced inf/NaN in {embeds.dtype}: run it in bf16 or fp32 (--dtype)")
+        check_finite(embeds, "the text encoder's embeddings")
         return embeds, mask
 
     def text_conditioning(
@@ -332,15 +372,12 @@ class MiragePipeline:
         steps = sampling.num_inference_steps if num_inference_steps is None else num_inference_steps
         steps = len(sigmas) if sigmas is not None else steps
         guidance_scale = sampling.guidance_scale if guidance_scale is None else guidance_scale
-        height = height or sampling.default_sample_size
-        width = width or sampling.default_sample_size
-        request = (height, width)
-        if use_resolution_binning:
-            height, width = nearest_bin(height, width, sampling.default_sample_size)
+        request = (height or sampling.default_sample_size, width or sampling.default_sample_size)
         prompt, negative_prompt, batch = self._check_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, steps, guidance_scale,
-            num_images_per_prompt, output_type, sigmas,
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, request, use_resolution_binning, steps,
+            guidance_scale, seed, num_images_per_prompt, output_type,
         )  # fmt: skip
+        height, width = nearest_bin(*request, sampling.default_sample_size) if use_resolution_binning else request
         guidance = guidance_scale > 1.0
         embeds, masks = self.text_conditioning(
             prompt, negative_prompt, num_images_per_prompt, guidance, prompt_embeds, prompt_mask,
@@ -354,16 +391,12 @@ class MiragePipeline:
             latents = denoise(
                 transformer, latents, schedule, context, guidance_scale, callback, progress, cuda_graph=self.cuda_graph
             )
-        if not torch.isfinite(latents).all():
-            raise FloatingPointError(
-                f"the transformer produced inf/NaN latents in {self.dtype}: run it in bf16 or fp32 (--dtype)"
-            )
+        check_finite(latents, "the transformer's latents")
         if output_type == "latent":
             return latents
         with self.running("vae") as vae:
             images = decode_latents(vae, latents)  # [N, 3, H, W] in about [-1, 1]
-        if not torch.isfinite(images).all():
-            raise FloatingPointError(f"the VAE decoded inf/NaN in {images.dtype}: decode in fp32 (--dtype fp32)")
+        check_finite(images, "the VAE's images")
         if use_resolution_binning:
             images = resize_and_crop(images, *request)
         images = (images / 2 + 0.5).clamp(0, 1)
@@ -398,8 +431,8 @@ class MiragePipeline:
         return torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
 
     def _check_inputs(
-        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, steps, guidance_scale,
-        num_images_per_prompt, output_type, sigmas,
+        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, request, binning, steps, guidance_scale,
+        seed, num_images_per_prompt, output_type,
     ):  # fmt: skip
         """Validate a request up front; -> (prompts, negative prompts, number of prompts)."""
         if (prompt is None) == (prompt_embeds is None):
@@ -416,14 +449,20 @@ class MiragePipeline:
             raise ValueError("with prompt_embeds and guidance_scale > 1, pass negative_prompt_embeds too")
         if steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
-        if guidance_scale < 1:
-            raise ValueError(f"guidance_scale must be >= 1 (1 turns guidance off), got {guidance_scale}")
+        if not 1 <= guidance_scale < math.inf:
+            raise ValueError(f"guidance_scale must be a number >= 1 (1 turns guidance off), got {guidance_scale}")
+        seeds = [] if seed is None else list(seed) if isinstance(seed, (list, tuple)) else [seed]
+        for bad in [s for s in seeds if not 0 <= s < SEED_RANGE][:1]:
+            raise ValueError(f"seeds must be in [0, 2**64), got {bad}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if not 1 <= min(request) <= max(request) <= MAX_SIDE:
+            raise ValueError(f"height and width must be 1 to {MAX_SIDE} pixels, got {request[0]}x{request[1]}")
+        height, width = request
         multiple = self.pixel_multiple
-        if height < multiple or width < multiple or height % multiple or width % multiple:
+        if not binning and (height < multiple or width < multiple or height % multiple or width % multiple):
             raise ValueError(
                 f"height and width must be positive multiples of {multiple} (VAE factor x patch size), "
                 f"got {height}x{width}: round them, or keep resolution binning on"

@@ -29,7 +29,10 @@ class GemmaTokenizer:
     def __init__(self, model_file: str | os.PathLike | bytes, config: TokenizerConfig = TokenizerConfig()):
         proto = model_file if isinstance(model_file, bytes) else Path(model_file).read_bytes()
         self.config = config
-        self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as err:  # sentencepiece reports an unparsable model as an INTERNAL error
+            raise ValueError(f"not a SentencePiece model ({err})") from None
         _check_gemma_normalizer(self._sp)
         self.bos_id, self.eos_id, self.pad_id = (
             self._piece_id(token) for token in (config.bos_token, config.eos_token, config.pad_token)
@@ -42,6 +45,11 @@ class GemmaTokenizer:
         }
         longest_first = sorted(self._literal_ids, key=len, reverse=True)  # leftmost-longest, as transformers
         self._literals = re.compile("|".join(map(re.escape, longest_first)))
+
+    @property
+    def vocab_size(self) -> int:
+        """How many pieces the model has: the ids it makes are below this."""
+        return self._sp.get_piece_size()
 
     def _piece_id(self, piece: str) -> int:
         piece_id = self._sp.piece_to_id(piece)

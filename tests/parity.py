@@ -38,6 +38,29 @@ def assert_parity(ours: torch.Tensor, ref: torch.Tensor, tol: float = 2e-5) -> N
     assert err <= tol, f"max |ours - ref| / max(1, max|ref|) = {err:.3g} > {tol:.1g}"
 
 
+@torch.no_grad()
+def assert_norms_match(ours: nn.Module, ref: nn.Module) -> int:
+    """Each normalisation layer of ours equals the reference's layer of the same name on inputs whose mean square
+    is about its eps, where the output depends on eps; whole-model tests, at activations of size ~1, cannot see a
+    wrong eps. A layer normalising dim 1 of [B, C, H, W] may be a last-dim norm in the reference, called on the
+    permuted tensor. -> how many layers were compared."""
+    ref_layers = dict(ref.named_modules())
+    norms = [(name, m) for name, m in ours.named_modules() if "Norm" in type(m).__name__]
+    gen = torch.Generator().manual_seed(0)
+    for name, norm in norms:
+        channels, ref_norm = norm.weight.shape[0], ref_layers[name]
+        over_channels = isinstance(norm, (nn.GroupNorm, nn.BatchNorm2d)) or type(norm).__name__ == "ChannelRMSNorm"
+        x = torch.randn((2, channels, 3, 3) if over_channels else (2, 5, channels), generator=gen) * norm.eps**0.5
+        if over_channels and not isinstance(ref_norm, (nn.GroupNorm, nn.BatchNorm2d)):
+            expected = ref_norm(x.movedim(1, -1)).movedim(-1, 1)  # [B, H, W, C] -> [B, C, H, W]
+        else:
+            expected = ref_norm(x)
+        err = max_rel_err(norm(x), expected)
+        assert err <= 1e-5, f"{name} ({type(norm).__name__}): max rel err {err:.3g} on inputs of size sqrt(eps)"
+    assert norms, "no normalisation layer found"
+    return len(norms)
+
+
 def assert_channels_last_decode(vae, latents: torch.Tensor) -> None:
     """On CPU `vae.decode` runs channels-last (faster convolutions): the decoder's last convolution sees an NHWC
     tensor, and the image, returned contiguous, equals the default-layout (NCHW) decode."""

@@ -55,7 +55,7 @@ def test_diffusers_layout_converts_every_tensor_unchanged(request, vae):
     transformer = json.loads((src / "transformer/config.json").read_text())
     assert config.vae_type == {"flux": "flux", "dcae": "dc-ae"}[vae]
     assert config.transformer == TransformerConfig.from_diffusers(transformer)
-    assert (config.sampling.shift, config.sampling.default_sample_size) == (3.0, 256)
+    assert (config.sampling.shift, config.sampling.default_sample_size) == (2.5, 256)  # read, not defaulted
     assert (config.sampling.num_inference_steps, config.sampling.guidance_scale) == (28, 4.0)
 
 
@@ -177,6 +177,16 @@ def test_hub_ids_go_through_snapshot_download(prx_flux, tmp_path, monkeypatch):
     assert (sampling.num_inference_steps, sampling.guidance_scale) == (12, 3.5)
 
 
+def test_a_failed_hub_download_says_so(tmp_path, monkeypatch):
+    def offline(repo_id, **kwargs):
+        raise OSError("we are offline\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match=r"ckpts/prx is not a local path, and downloading it from the Hub failed "
+                                              r"\(we are offline\): check the path or repo id$"):
+        convert("ckpts/prx", tmp_path / "out")
+
+
 # ---- bad input: one clear error, nothing written ---------------------------------------------------
 
 
@@ -197,10 +207,49 @@ def set_vae_class(folder: Path, name: str):
     (folder / "vae/config.json").write_text(json.dumps({**config, "_class_name": name}))
 
 
+def edit_json(relative: str, **changes):
+    """An edit for broken_copy: set keys of a JSON file, or with `whole=` replace its content."""
+
+    def edit(folder: Path):
+        path = folder / relative
+        data = changes["whole"] if "whole" in changes else {**json.loads(path.read_text()), **changes}
+        path.write_text(json.dumps(data))
+
+    return edit
+
+
+def shrink_text_vocabulary(folder: Path):
+    """The text encoder's config says 100 ids, the tokenizer makes 800: caught before the weights are compared."""
+    path = folder / "text_encoder/config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "encoder": {**config["encoder"], "vocab_size": 100}}))
+
+
+def broken(edit):
+    return lambda src, tmp: [broken_copy(src, tmp, edit)]
+
+
 @pytest.mark.parametrize(
     "make_args, message",
     [
         (lambda src, tmp: [tmp / "missing"], "does not exist"),
+        (broken(edit_json("model_index.json", whole=[])), "model_index.json does not hold a JSON object"),
+        (broken(edit_json("model_index.json", default_sample_size="512")), "default_sample_size must be an integer"),
+        (broken(edit_json("vae/config.json", _class_name=["AutoencoderKL"])), "not a VAE mirage knows"),
+        (broken(edit_json("transformer/config.json", hidden_size="64")), "transformer/config.json is not a config"),
+        (broken(edit_json("text_encoder/config.json", whole={"model_type": "t5gemma"})),
+         "text_encoder/config.json is not a config mirage can read"),
+        (broken(edit_json("scheduler/scheduler_config.json", shift=[3])), "scheduler_config.json is not a config"),
+        (broken(edit_json("scheduler/scheduler_config.json", use_dynamic_shifting=True)),
+         "sets scheduler options mirage does not implement: {'use_dynamic_shifting': True}"),
+        (broken(edit_json("text_encoder/model.safetensors.index.json", whole={"metadata": {}})),
+         "no 'weight_map' entry"),
+        (broken(edit_json("text_encoder/model.safetensors.index.json", whole={"weight_map": {"a": "model-1.safetensors"}})),
+         "model-1.safetensors, listed in model.safetensors.index.json, is missing"),
+        (broken(lambda f: (f / "tokenizer/tokenizer.model").write_bytes(b"not a model")), "not a SentencePiece model"),
+        (broken(shrink_text_vocabulary), "has 800 pieces, but the text encoder embeds only 100"),
+        (lambda src, tmp: [src, "--guidance", "nan"], "guidance_scale"),
+        (lambda src, tmp: [src, "--steps", "0"], "num_inference_steps"),
         (lambda src, tmp: [broken_copy(src, tmp, lambda f: truncate(f / "transformer/diffusion_pytorch_model.safetensors"))],
          "not a readable safetensors"),
         (lambda src, tmp: [broken_copy(src, tmp, lambda f: set_vae_class(f, "VQModel"))], "not a VAE mirage knows"),
@@ -231,14 +280,29 @@ def test_mismatched_weights_name_the_keys(prx_flux, tmp_path):
 
 
 def test_existing_output_needs_force(prx_flux, mirage_flux, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
+    out = shutil.copytree(mirage_flux, tmp_path / "out")
     (out / "keep.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="--force"):
         convert(prx_flux, out)
     assert (out / "keep.txt").read_text() == "mine"
     convert(prx_flux, out, "--force")
     assert not (out / "keep.txt").exists() and config_of(out) == config_of(mirage_flux)
+
+
+def test_force_replaces_only_a_converted_checkpoint(prx_flux, mirage_flux, tmp_path, monkeypatch):
+    """`--force` on a folder of other files (say, ".") refuses and deletes nothing; "." that is a checkpoint is replaced."""
+    other = tmp_path / "project"
+    (other / "src").mkdir(parents=True)
+    (other / "src" / "keep.txt").write_text("mine")
+    monkeypatch.chdir(other)
+    with pytest.raises(CheckpointError, match="not a converted checkpoint, and --force replaces only those"):
+        convert(prx_flux, ".", "--force")
+    assert (other / "src" / "keep.txt").read_text() == "mine" and sorted(tmp_path.iterdir()) == [other]
+    checkpoint = shutil.copytree(mirage_flux, tmp_path / "checkpoint")
+    monkeypatch.chdir(checkpoint)
+    convert(prx_flux, ".", "--force", "--steps", "9")
+    assert config_of(checkpoint).sampling.num_inference_steps == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "project"]  # no temporary folder left
 
 
 def test_command_line_error_is_one_line_without_traceback(tmp_path):

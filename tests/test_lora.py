@@ -255,6 +255,7 @@ def bad_inputs(good: dict[str, torch.Tensor]):
         ("kohya-unknown", {"lora_unet_blocks_0_attention_qkv.lora_down.weight": a}, "lora_unet_blocks_0_attention_qkv"),
         ("missing-up", without_b, f"{Q}.lora_A.weight"),
         ("rank", {**good, f"{Q}.lora_B.weight": b[:, :3]}, f"{Q}.lora_B.weight"),
+        ("rank-0", {**good, f"{Q}.lora_A.weight": a[:0], f"{Q}.lora_B.weight": b[:, :0]}, f"{Q}.lora_A.weight"),
         ("in-features", {**good, f"{Q}.lora_A.weight": a[:, :-1]}, f"{Q}.lora_A.weight"),
         ("out-features", {**good, f"{Q}.lora_B.weight": b[:-1]}, f"{Q}.lora_B.weight"),
         ("not-a-matrix", {**good, f"{Q}.lora_A.weight": a[None]}, f"{Q}.lora_A.weight"),

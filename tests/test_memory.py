@@ -105,8 +105,9 @@ def test_unknown_offload_mode_is_refused(mirage_flux):
     "device, offload, message",
     [("cpu", None, "need a CUDA device, not cpu"), ("cuda", "sequential", "cannot replay sequential offload")],
 )
-def test_cuda_graph_refuses_what_it_cannot_replay(mirage_flux, device, offload, message):
+def test_cuda_graph_refuses_what_it_cannot_replay(mirage_flux, device, offload, message, monkeypatch):
     # Refused when the pipeline is made: nothing touches the (absent) GPU before it.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match=message):
         MiragePipeline.from_pretrained(mirage_flux, device, torch.float32, offload=offload, cuda_graph=True)
 

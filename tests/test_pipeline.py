@@ -1,17 +1,22 @@
 """End-to-end parity: a converted tiny checkpoint through MiragePipeline makes the same images as
 diffusers' PRXPipeline on the original folder, for the same seed, and is right where diffusers is wrong."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
-from diffusers import PRXPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from mirage.pipeline import MiragePipeline, nearest_bin, resize_and_crop
+from mirage.loading import CheckpointError
+from mirage.pipeline import MiragePipeline, check_device, check_finite, nearest_bin, resize_and_crop
 from parity import max_rel_err
 
-IMAGE_TOL = 2e-3  # max |ours - ref| on images in [0, 1]
-LATENT_TOL = 1e-3  # relative, on latents
+IMAGE_TOL = 2e-5  # max |ours - ref| on images in [0, 1] (measured: 1.6e-6)
+LATENT_TOL = 2e-5  # relative, on latents (measured: 1.5e-6)
 PROMPTS = ["a red fox in the snow, photo", "a watercolor painting of a lighthouse at night with stars and a moon"]
 
 
@@ -174,11 +179,14 @@ def test_precomputed_embeddings_equal_the_prompt_path(ours_flux):
     assert torch.equal(by_embeds, by_prompt)
 
 
-def test_custom_sigmas_set_the_schedule(ours_flux):
+def test_custom_sigmas_set_the_schedule(ref_flux, ours_flux):
+    """Custom sigmas are shifted like the scheduler's own (the checkpoint's shift is 2.5)."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(ref_flux.scheduler.config)
+    scheduler.set_timesteps(sigmas=[1.0, 0.6, 0.2])
     seen = []
     ours_flux(PROMPTS[0], sigmas=[1.0, 0.6, 0.2], seed=0, output_type="latent", progress=False,
               callback=lambda i, sigma, *rest: seen.append(float(sigma)))  # fmt: skip
-    assert len(seen) == 3 and seen[0] == pytest.approx(1.0)
+    assert seen == pytest.approx(scheduler.sigmas[:-1].tolist(), abs=1e-7) and seen[1] > 0.75
 
 
 @pytest.mark.parametrize(
@@ -186,6 +194,11 @@ def test_custom_sigmas_set_the_schedule(ours_flux):
     [
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(guidance_scale=0.5), "guidance_scale"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a number >= 1"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a number >= 1"),
+        (dict(seed=-1), r"seeds must be in \[0, 2\*\*64\), got -1"),
+        (dict(seed=[0, 2**64], num_images_per_prompt=2), r"seeds must be in \[0, 2\*\*64\), got 18446744073709551616"),
+        (dict(height=20_000), "height and width must be 1 to 16384 pixels, got 20000x256"),
         (dict(prompt=[]), "empty"),
         (dict(height=248, width=256, use_resolution_binning=False), "multiples of 16"),
         (dict(output_type="jpeg"), "output_type"),
@@ -206,3 +219,60 @@ def test_resize_and_crop_matches_reference_image_processor():
     for height, width in [(200, 300), (192, 320), (333, 517), (100, 400)]:
         expected = PixArtImageProcessor.resize_and_crop_tensor(images, width, height)
         assert torch.equal(resize_and_crop(images, height, width), expected)
+
+
+def test_devices_this_torch_cannot_use_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="device 'meta' is not one mirage runs on: use cuda, mps or cpu"):
+        check_device(torch.device("meta"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="this torch build sees no cuda device: use cpu"):
+        check_device(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device(torch.device("cuda:0"))
+    with pytest.raises(ValueError, match="there is no cuda:1: this machine has 1 CUDA device"):
+        check_device(torch.device("cuda:1"))
+
+
+@pytest.mark.parametrize(
+    "dtype, advice",
+    [
+        (torch.float16, "in float16: run it in bf16 or fp32 \\(--dtype\\)$"),
+        (torch.bfloat16, "in bfloat16: run it in fp32 \\(--dtype fp32\\)$"),
+        (torch.float32, "in float32: check the weights \\(convert the checkpoint again\\) and lower any huge guidance"),
+    ],
+)
+def test_inf_or_nan_names_the_model_and_what_to_try(dtype, advice):
+    check_finite(torch.ones(3, dtype=dtype), "the VAE's images")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(FloatingPointError, match="^the VAE's images hold inf/NaN " + advice):
+            check_finite(torch.tensor([0.0, bad], dtype=dtype), "the VAE's images")
+
+
+def test_nan_weights_stop_the_pipeline_naming_the_model(mirage_flux, tmp_path):
+    folder = shutil.copytree(mirage_flux, tmp_path / "nan-vae")
+    vae = load_file(folder / "vae.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) if k.startswith("decoder.conv_out") else v for k, v in vae.items()},
+              folder / "vae.safetensors")  # fmt: skip
+    pipe = MiragePipeline.from_pretrained(folder, device="cpu")
+    with pytest.raises(FloatingPointError, match="the VAE's images hold inf/NaN in float32: check the weights"):
+        pipe("a cat", num_inference_steps=1, height=64, width=64, use_resolution_binning=False, progress=False)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (b"not a model", "tokenizer.model: not a SentencePiece model .*: use the model's own tokenizer$"),
+        ("other", "tokenizer.model has 800 pieces, but the text encoder embeds only 100: the tokenizer belongs"),
+    ],
+)
+def test_a_tokenizer_that_does_not_fit_is_refused_on_opening(mirage_flux, tmp_path, model, message):
+    folder = shutil.copytree(mirage_flux, tmp_path / "checkpoint")
+    if isinstance(model, bytes):
+        (folder / "tokenizer.model").write_bytes(model)
+    else:  # a text encoder config with fewer ids than the tokenizer makes
+        config = json.loads((folder / "config.json").read_text())
+        config["text_encoder"]["vocab_size"] = 100
+        (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        MiragePipeline.from_pretrained(folder, device="cpu")

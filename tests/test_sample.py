@@ -42,13 +42,21 @@ def test_writes_pngs_with_their_settings(mirage_flux, tmp_path):
     "args, message",
     [
         (["--steps", 0], "--steps must be at least 1"),
-        (["--guidance", 0.5], "--guidance must be >= 1"),
+        (["--guidance", 0.5], "--guidance must be a number >= 1"),
         (["--height", 250, "--width", 256, "--no-binning"], "multiples of 16"),
         (["--output", "taken.png"], "taken.png exists"),
         (["--output", "taken.png/x.png"], "taken.png"),  # a folder that cannot be made
         (["--weights", "empty"], "not a converted checkpoint"),
         (["--weights", "truncated"], "not a readable safetensors file"),
         (["--cuda-graph", "--device", "cpu"], "CUDA graphs need a CUDA device"),
+        (["--guidance", "nan"], "--guidance must be a number >= 1"),
+        (["--seed", -1], "--seed must be >= 0"),
+        (["--seed", 2**70], "seeds must be in [0, 2**64)"),
+        (["--height", 100_000], "height and width must be 1 to 16384 pixels"),
+        (["--output", "cat.jpg"], "must end in .png"),
+        (["--output", "new/folder/cat.png", "--weights", "empty"], "not a converted checkpoint"),  # no folder made
+        (["--prompt", "caf\udce9"], "--prompt holds bytes that are not UTF-8"),
+        (["--device", "meta"], "device 'meta' is not one mirage runs on"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(mirage_flux, tmp_path, args, message):
@@ -57,12 +65,22 @@ def test_bad_input_is_one_line_and_nonzero(mirage_flux, tmp_path, args, message)
     shutil.copytree(mirage_flux, tmp_path / "truncated")
     weights = tmp_path / "truncated/transformer.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    before = sorted(tmp_path.rglob("*"))
     args = args if "--weights" in args else [*args, "--weights", mirage_flux]
     result = run_sample("--prompt", "a cat", *args, cwd=tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert (tmp_path / "taken.png").read_bytes() == b"mine"
+    assert sorted(tmp_path.rglob("*")) == before  # no image, partial file or empty folder left behind
+
+
+def test_inf_or_nan_output_is_one_line_naming_the_model(mirage_flux, tmp_path):
+    result = run_sample("--prompt", "a cat", "--weights", mirage_flux, "--steps", 2, "--guidance", "1e30", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("sample.py: error: the transformer's latents hold inf/NaN in float32: check the weights")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_without_weights_it_says_how_to_get_them(tmp_path, monkeypatch):
@@ -71,3 +89,13 @@ def test_without_weights_it_says_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(sample, "WEIGHTS_DIR", tmp_path / "weights")
     with pytest.raises(FileNotFoundError, match="convert_weights.py Photoroom/prx-512-t2i-sft"):
         sample.find_weights(None)
+
+
+def test_output_folders_are_checked_without_being_made(tmp_path):
+    import sample
+
+    (tmp_path / "file.png").write_bytes(b"mine")
+    sample.check_writable(tmp_path / "a" / "b", "--outdir")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'file.png'} is a file, not a folder: choose another --outdir"):
+        sample.check_writable(tmp_path / "file.png" / "sub", "--outdir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.png"]

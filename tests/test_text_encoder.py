@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity import assert_parity, max_rel_err, randomize_
+from parity import assert_norms_match, assert_parity, max_rel_err, randomize_
 from transformers.models.t5gemma.configuration_t5gemma import T5GemmaConfig, T5GemmaModuleConfig
 from transformers.models.t5gemma.modeling_t5gemma import T5GemmaEncoder as RefEncoder
 from transformers.models.t5gemma.modeling_t5gemma import T5GemmaRotaryEmbedding as RefRotaryEmbedding
@@ -192,6 +192,11 @@ def test_parity_with_padding_on_either_side():
         got = ours(ids, mask)
     assert_parity(got[mask], expected[mask], tol=2e-5)  # every token; padding is never computed, and left zero
     assert not got[~mask].any()
+
+
+def test_norms_match_reference_where_eps_matters():
+    ref, ours = tiny_pair(seed=4)
+    assert assert_norms_match(ours, ref) == 4 * ours.config.num_hidden_layers + 1  # 4 per layer, and the final norm
 
 
 def test_bf16_is_as_accurate_as_the_reference_bf16():

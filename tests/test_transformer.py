@@ -9,9 +9,9 @@ import torch
 from diffusers import PRXTransformer2DModel
 
 from mirage.configs import PRX_DCAE, PRX_FLUX, TransformerConfig
-from mirage.loading import build_model, read_safetensors
+from mirage.loading import CheckpointError, build_model, read_safetensors
 from mirage.transformer import MirageTransformer, rope_table
-from parity import assert_parity, max_rel_err, randomize_
+from parity import assert_norms_match, assert_parity, max_rel_err, randomize_
 
 FLUX_TINY = replace(PRX_FLUX, context_in_dim=48, hidden_size=64, num_heads=4, depth=2, axes_dim=(8, 8))
 DCAE_TINY = replace(FLUX_TINY, in_channels=32, patch_size=1)
@@ -149,6 +149,14 @@ def test_reference_checkpoint_folder_loads_strictly(tmp_path):
     ours = build_model(lambda: MirageTransformer(config), state_dict)
     latents, sigma, text, mask = inputs(config)
     assert_parity(ours(latents, sigma, ours.encode_text(text, mask)), ref_forward(ref, latents, sigma, text, mask))
+    state_dict["txt_in.weight"] = state_dict["txt_in.weight"].int()
+    with pytest.raises(CheckpointError, match=r"not floating point: txt_in\.weight \(int32\) \(1 in all\)$"):
+        build_model(lambda: MirageTransformer(config), state_dict)
+
+
+def test_norms_match_reference_where_eps_matters():
+    ours, ref = make_pair(FLUX_TINY, seed=3)
+    assert assert_norms_match(ours, ref) == 3 * FLUX_TINY.depth  # q, k and text-key norms of every block
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -13,7 +13,14 @@ from mirage import vae_dcae
 from mirage.configs import DCAE_SANA_1_0, DCAE_SANA_1_1, DCAEConfig
 from mirage.loading import build_model
 from mirage.vae_dcae import DCAE
-from parity import assert_channels_last_decode, assert_inputs_untouched, assert_parity, max_rel_err, randomize_
+from parity import (
+    assert_channels_last_decode,
+    assert_inputs_untouched,
+    assert_norms_match,
+    assert_parity,
+    max_rel_err,
+    randomize_,
+)
 
 # mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers/config.json as published (no shortcut or head-activation
 # keys, downsample type spelled "Conv").
@@ -140,6 +147,11 @@ def test_tiny_decoder_parity(tiny_pair, size):
     f = ours.spatial_compression
     latents = 2.5 * torch.randn(2, 8, size[0] // f, size[1] // f, generator=torch.Generator().manual_seed(2))
     assert_parity(ours.decode(latents), ref.decode(latents).sample)
+
+
+def test_norms_match_reference_where_eps_matters(tiny_pair):
+    ref, ours = tiny_pair
+    assert assert_norms_match(ours, ref) > 0
 
 
 @torch.no_grad()

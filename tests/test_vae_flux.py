@@ -8,7 +8,14 @@ from diffusers import AutoencoderKL
 
 from mirage.configs import FluxVAEConfig
 from mirage.vae_flux import FluxVAE
-from parity import assert_channels_last_decode, assert_inputs_untouched, assert_parity, max_rel_err, randomize_
+from parity import (
+    assert_channels_last_decode,
+    assert_inputs_untouched,
+    assert_norms_match,
+    assert_parity,
+    max_rel_err,
+    randomize_,
+)
 
 # vae/config.json of black-forest-labs/FLUX.1-dev, as the PRX Flux checkpoints ship it.
 FLUX1_VAE_CONFIG = {
@@ -163,6 +170,11 @@ def test_tiny_decoder_and_encoder_match_reference(overrides, grid):
     assert_parity(latents, ref.encode(images).latent_dist.mean)
 
 
+def test_norms_match_reference_where_eps_matters():
+    ours, ref = pair(tiny_kl_config())
+    assert assert_norms_match(ours, ref) == len([m for m in ref.modules() if isinstance(m, torch.nn.GroupNorm)])
+
+
 @torch.no_grad()
 def test_parity_catches_a_one_percent_attention_temperature_error():
     ours, ref = pair(tiny_kl_config())
@@ -182,9 +194,11 @@ def test_low_precision_matches_reference_and_stays_near_fp32(dtype):
     ours, ref, z, images = ours.to(dtype), ref.to(dtype), z.to(dtype), images.to(dtype)
     decoded, latents = ours.decode(z), ours.encode(images)
     assert decoded.dtype == latents.dtype == dtype
-    # The same kernels in the same order: equal to the reference up to (at most) a rounding step.
-    assert_parity(decoded, ref.decode(z).sample, tol=1e-2)
-    assert_parity(latents, ref.encode(images).latent_dist.mean, tol=1e-2)
+    # The same kernels in the same order: equal to the reference up to (at most) a rounding step (measured:
+    # 8.8e-3 in bf16, 8.9e-4 in fp16).
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert_parity(decoded, ref.decode(z).sample, tol=tol)
+    assert_parity(latents, ref.encode(images).latent_dist.mean, tol=tol)
     # Rounding, not a bug: measured 0.009 (bf16) and 0.005 (fp16) after ~15 layers.
     assert max_rel_err(decoded, fp32_decoded) < 0.05
     assert max_rel_err(latents, fp32_latents) < 0.05

@@ -123,7 +123,7 @@ def tiny_prx_pipeline(folder: Path, vae_type: str = "flux") -> PRXPipeline:
     tokenizer = GemmaTokenizerFast.from_pretrained(tokenizer_folder(folder / "tokenizer_source"))
     return PRXPipeline(
         transformer=tiny_transformer(vae_type),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=2.5),  # not mirage's default 3.0
         text_encoder=tiny_text_encoder(len(tokenizer)),
         tokenizer=tokenizer,
         vae=tiny_vae(vae_type),
