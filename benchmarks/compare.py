@@ -45,6 +45,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
 
+from mirage.pipeline import check_device  # noqa: E402
 from mirage.precision import DTYPES  # noqa: E402
 
 PARTS = ("text", "step", "vae", "e2e")
@@ -353,7 +354,12 @@ def run_worker(run_dir: Path, side: str, part: str, timeout: int, best: dict | N
     highest peak memory."""
     cmd = [sys.executable, __file__, "--worker", side, part, "--run-dir", str(run_dir)]
     print(f"  {part}: {side} ...", flush=True)
-    subprocess.run(cmd, check=True, timeout=timeout)
+    try:
+        subprocess.run(cmd, check=True, timeout=timeout)
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"the {side} {part} worker failed (exit {err.returncode}; its error is above)") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the {side} {part} worker ran over --timeout {timeout} s") from None
     result = json.loads((run_dir / f"{side}-{part}.json").read_text())
     result["outputs"] = torch.load(run_dir / f"{side}-{part}.pt")
     if best is not None:
@@ -505,6 +511,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is None:
+        try:
+            check_device(torch.device(args.device))
+        except (RuntimeError, ValueError) as err:  # torch.device raises RuntimeError for a name it does not know
+            parser.error(f"--device {args.device}: {err}")
         if min(args.steps, args.repeats, args.rounds) < 1 or args.guidance <= 1:
             parser.error("need --guidance > 1 and --steps, --repeats, --rounds >= 1")
         if not 2 <= args.prompt_tokens <= TOKENIZER_MAX_LENGTH or not 1 <= args.negative_tokens <= TOKENIZER_MAX_LENGTH:
@@ -526,9 +536,12 @@ def main(argv=None) -> None:
     if args.device == "cpu" and args.dtype == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         print("warning: this CPU has no native bf16 (no AMX or AVX512-BF16): the reference will run bf16 on emulated "
               "kernels, ~100x slower, while mirage switches to fp32. Compare with --dtype fp32 here.", flush=True)
-    prx, mirage = ensure_checkpoint(args.cache, args.vae)
     run_dir = args.cache / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True)
+    try:
+        prx, mirage = ensure_checkpoint(args.cache, args.vae)
+        run_dir.mkdir(parents=True)
+    except OSError as err:
+        raise OSError(f"--cache {args.cache} cannot be used ({err.strerror or err}): choose a writable folder") from None
     settings = dict(
         prx=str(prx), mirage=str(mirage), device=args.device, dtype=args.dtype, resolution=args.resolution,
         steps=args.steps, guidance=args.guidance, vae=args.vae, repeats=args.repeats, rounds=args.rounds,
@@ -550,4 +563,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (RuntimeError, OSError) as err:  # a worker's failure, or a cache folder that cannot be written
+        sys.exit(f"compare.py: error: {err}")
