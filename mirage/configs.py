@@ -495,10 +495,13 @@ class SamplingConfig:
 
     def __post_init__(self):
         if not (0 < self.shift < math.inf) or self.num_train_timesteps < 1:
-            raise ValueError(f"shift must be > 0 and num_train_timesteps >= 1, got {self.shift}, {self.num_train_timesteps}")
+            raise ValueError(
+                f"shift must be finite and > 0 and num_train_timesteps >= 1, got {self.shift}, {self.num_train_timesteps}"
+            )
         if self.num_inference_steps < 1 or not (1 <= self.guidance_scale < math.inf):
             raise ValueError(
-                f"need num_inference_steps >= 1 and guidance_scale >= 1, got {self.num_inference_steps}, {self.guidance_scale}"
+                f"need num_inference_steps >= 1 and a finite guidance_scale >= 1, got {self.num_inference_steps}, "
+                f"{self.guidance_scale}"
             )
         if self.default_sample_size < 1:
             raise ValueError(f"default_sample_size must be positive, got {self.default_sample_size}")
