@@ -48,7 +48,7 @@ class Options:
     width: int | None = option(None, "image width in pixels (default: the checkpoint's sample size)")
     seed: int | None = option(None, "random seed (default: a random one, printed; --prompts-file: 0, item i uses SEED+i)")
     num_images: int = option(1, "images to make")
-    device: str | None = option(None, "cuda, mps or cpu (default: cuda when available)")
+    device: str | None = option(None, "cuda, mps or cpu (default: cuda, else mps, else cpu)")
     dtype: str | None = option(None, "fp32, bf16 or fp16 (default: bf16 on GPUs, fp32 on CPU)", choices=DTYPE_NAMES)
     output: Path | None = option(None, "PNG path; several images get _0, _1, ... (default: numbered files in outputs/)")
     no_binning: bool = option(False, "generate at exactly --height x --width instead of the nearest trained aspect ratio")
@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     )
     sampling = pipe.config.sampling  # record what was used, the checkpoint's defaults included
     settings = {
-        **run_settings(options, weights),
+        **run_settings(options, weights, pipe),
         "seed": seed,
         "output": None,
         "steps": options.steps or sampling.num_inference_steps,
@@ -242,7 +242,7 @@ def make_many(options: Options, weights: Path, started: float) -> None:
         pipe = load_pipeline(options, weights, device)
         if options.no_binning:
             jobs.check_sizes(items, pipe.pixel_multiple, options.prompts_file)
-        run = run_settings(options, weights)
+        run = run_settings(options, weights, pipe)
         settings = {key: run[key] for key in ("weights", "dtype", "no_binning", "lora")} | {"rank": world.rank}
         written = jobs.generate(
             pipe,
@@ -270,9 +270,11 @@ def load_pipeline(options: Options, weights: Path, device):
     from mirage.precision import DTYPES
 
     dtype = DTYPES.get(options.dtype)
-    # One run encodes its prompts once: free the text encoder before the transformer is read.
+    # --prompt encodes once: free the text encoder before the transformer is read. A prompts file encodes at every
+    # batch: keep it where memory is ample (the pipeline's default), rather than read it again each time.
+    keep_text_encoder = False if options.prompts_file is None else None
     pipe = MiragePipeline.from_pretrained(
-        weights, device=device, dtype=dtype, offload=options.offload, keep_text_encoder=False,
+        weights, device=device, dtype=dtype, offload=options.offload, keep_text_encoder=keep_text_encoder,
         compile=options.compile, cuda_graph=options.cuda_graph,
     )  # fmt: skip
     for lora_path, scale in map(lora_spec, options.lora or []):
@@ -280,10 +282,14 @@ def load_pipeline(options: Options, weights: Path, device):
     return pipe
 
 
-def run_settings(options: Options, weights: Path) -> dict:
-    """What every PNG's metadata records about the run, besides the image's own prompt and seed."""
+def run_settings(options: Options, weights: Path, pipe) -> dict:
+    """What every PNG's metadata records about the run, besides the image's own prompt and seed: the dtype is the
+    one the transformer ran in (bf16 asked on a CPU without it runs fp32)."""
+    from mirage.precision import DTYPES
+
     loras = [{"path": str(lora_path), "scale": scale} for lora_path, scale in map(lora_spec, options.lora or [])]
-    return {**asdict(options), "weights": str(weights), "lora": loras}
+    dtype = next(name for name, dtype in DTYPES.items() if dtype == pipe.dtype)
+    return {**asdict(options), "weights": str(weights), "lora": loras, "dtype": dtype}
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
   transformer runs in float16 when asked.
 - bfloat16 on a device without native bfloat16 kernels becomes float32: there (AVX2-only CPUs) PyTorch
   runs bf16 matrix products and convolutions on reference paths, measured 100-200x slower than fp32.
-Every change is logged in one line.
+Every change is logged in one line, once per process.
 """
 
+import functools
 import logging
 
 import torch
@@ -28,8 +29,14 @@ def run_dtype(model_class: type, requested: torch.dtype, device: str | torch.dev
         dtype, reason = torch.float32, f"no native bfloat16 kernels on this {device.type}"
     else:
         return requested
-    log.warning("running %s in %s: %s", model_class.__name__, str(dtype).removeprefix("torch."), reason)
+    _log_once(f"running {model_class.__name__} in {str(dtype).removeprefix('torch.')}: {reason}")
     return dtype
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    """The pipeline asks again at every call (sizing memory, reloading a freed model); one line says it all."""
+    log.warning(message)
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -241,3 +241,23 @@ def test_write_png_leaves_no_truncated_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         jobs.write_png(image, path.with_name("dog.png"), {"prompt": "a dog"})
     assert sorted(p.name for p in path.parent.iterdir()) == ["cat.png"]
+
+
+def test_text_encoder_is_read_once_per_run(mirage_flux, tmp_path, monkeypatch):
+    """--prompt frees the text encoder before the transformer is read; a prompts file, which encodes at every
+    batch, keeps it where memory is ample (a tiny model: always) instead of reading it again for each batch."""
+    loads, load = [], MiragePipeline._load  # (model read, models held at that moment)
+
+    def counted(pipe, name):
+        loads.append((name, sorted(pipe.models)))
+        return load(pipe, name)
+
+    monkeypatch.setattr(MiragePipeline, "_load", counted)
+    path = tmp_path / "three.txt"
+    path.write_text("a fox\na cat\na dog\n", encoding="utf-8")
+    sample.main(flags(mirage_flux, path, tmp_path / "out"))
+    assert loads == [("text_encoder", []), ("transformer", ["text_encoder"]), ("vae", ["text_encoder", "transformer"])]
+    loads.clear()
+    sample.main(["--weights", str(mirage_flux), "--prompt", "a fox", "--steps", "1", "--height", "64", "--width", "64",
+                 "--device", "cpu", "--output", str(tmp_path / "fox.png"), "--seed", "1"])  # fmt: skip
+    assert loads == [("text_encoder", []), ("transformer", []), ("vae", ["transformer"])]

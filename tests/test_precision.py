@@ -16,6 +16,7 @@ from mirage.vae_flux import FluxVAE
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_policy(native_bf16, monkeypatch, caplog):
     monkeypatch.setattr(precision, "native_bf16", lambda device: native_bf16)
+    precision._log_once.cache_clear()  # an earlier test may have logged these already
     half_fallback = torch.bfloat16 if native_bf16 else torch.float32
     with caplog.at_level(logging.WARNING, logger="mirage"):
         for model_class in (T5GemmaEncoder, FluxVAE, DCAE):
@@ -31,6 +32,9 @@ def test_policy(native_bf16, monkeypatch, caplog):
         assert run_dtype(FluxVAE, torch.bfloat16, "cpu") == (torch.bfloat16 if native_bf16 else torch.float32)
         expected = [] if native_bf16 else ["running FluxVAE in float32: no native bfloat16 kernels on this cpu"]
         assert caplog.messages == expected
+        caplog.clear()
+        assert run_dtype(FluxVAE, torch.bfloat16, "cpu") == run_dtype(FluxVAE, torch.float16, "cpu") == half_fallback
+        assert not caplog.messages  # said once per process, however often the pipeline asks
 
 
 def test_native_bf16_is_known_per_device():

@@ -13,14 +13,7 @@ from mirage import vae_dcae
 from mirage.configs import DCAE_SANA_1_0, DCAE_SANA_1_1, DCAEConfig
 from mirage.loading import build_model
 from mirage.vae_dcae import DCAE
-from parity import (
-    assert_channels_last_decode,
-    assert_inputs_untouched,
-    assert_norms_match,
-    assert_parity,
-    max_rel_err,
-    randomize_,
-)
+from parity import assert_channels_last_decode, assert_inputs_untouched, assert_norms_match, assert_parity, max_rel_err, randomize_
 
 # mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers/config.json as published (no shortcut or head-activation
 # keys, downsample type spelled "Conv").

@@ -8,14 +8,7 @@ from diffusers import AutoencoderKL
 
 from mirage.configs import FluxVAEConfig
 from mirage.vae_flux import FluxVAE
-from parity import (
-    assert_channels_last_decode,
-    assert_inputs_untouched,
-    assert_norms_match,
-    assert_parity,
-    max_rel_err,
-    randomize_,
-)
+from parity import assert_channels_last_decode, assert_inputs_untouched, assert_norms_match, assert_parity, max_rel_err, randomize_
 
 # vae/config.json of black-forest-labs/FLUX.1-dev, as the PRX Flux checkpoints ship it.
 FLUX1_VAE_CONFIG = {
