@@ -207,7 +207,7 @@ def main(argv=None) -> None:
         "height": options.height or sampling.default_sample_size,
         "width": options.width or sampling.default_sample_size,
     }
-    strips = trajectory.strips(pipe.vae, images[0].height, images[0].width) if trajectory else []
+    strips = trajectory.strips(pipe, images[0].height, images[0].width) if trajectory else []
     for index, (picture, path) in enumerate(zip(images + strips, paths)):  # the images, then their strips
         write_png(picture, path, {**settings, "image_index": index % len(images)})
     elapsed = time.perf_counter() - started

@@ -352,10 +352,13 @@ class Trajectory:
         last = len(self.x0) - 1
         return sorted({round(i * last / max(count - 1, 1)) for i in range(count)})
 
-    def strips(self, vae, height: int, width: int, count: int = TRAJECTORY_FRAMES) -> list[Image.Image]:
+    def strips(
+        self, pipe: MiragePipeline, height: int, width: int, count: int = TRAJECTORY_FRAMES
+    ) -> list[Image.Image]:
         """One picture per image: the decoded predictions of `frames(count)` side by side, noisiest first, each
         height x width (resized and cropped from the generated size as the pipeline does it)."""
-        decoded = [decode_latents(vae, self.x0[step]) for step in self.frames(count)]  # [N, 3, H', W'] each
+        with pipe.running("vae") as vae:  # on the device for the decode, with offloading too
+            decoded = [decode_latents(vae, self.x0[step]) for step in self.frames(count)]  # [N, 3, H', W'] each
         frames = [to_unit_range(resize_and_crop(images, height, width)) for images in decoded]  # [N, 3, H, W] each
         return to_pil(torch.cat(frames, dim=-1))  # N x [H, frames * W]
 
@@ -404,7 +407,7 @@ def generate(
             callback=on_step,
             progress=False,
         )
-        strips = recorder.strips(pipe.vae, first.height, first.width) if recorder else [None] * len(batch)
+        strips = recorder.strips(pipe, first.height, first.width) if recorder else [None] * len(batch)
         seconds = (time.perf_counter() - call_started) / len(batch)
         step_bar.close()
         for item, image, strip in zip(batch, images, strips):

@@ -21,16 +21,30 @@ AMPLE_FACTOR = 2.0
 
 
 @contextmanager
-def on_device(model: nn.Module, device: torch.device, enabled: bool):
-    """Run `model` on `device` inside the block and move it back to the CPU afterwards (if enabled)."""
-    if not enabled:
+def on_device(model: nn.Module, device: torch.device, offload: str | None):
+    """Run `model` on `device` inside the block. Model offload moves it there and back to the CPU afterwards;
+    with sequential offload its parts visit during their calls, and a call stopped midway (an error, Ctrl-C)
+    still leaves every part's CPU tensors in place, so a LoRA fused afterwards is not written into stale copies."""
+    if offload is None:
         yield model
         return
-    model.to(device)
+    if offload == "model":
+        model.to(device)
     try:
         yield model
     finally:
-        model.to("cpu")
+        if offload == "model":
+            model.to("cpu")
+        else:
+            for module in model.modules():
+                go_home(getattr(module, "streamed_home", []))  # a part whose call did not finish
+
+
+def go_home(undo: list) -> None:
+    """Put back the CPU tensors that a streamed part lent out for its call (see `visit_while_called`)."""
+    for restore in undo:
+        restore()
+    undo.clear()
 
 
 def stream_parts(model: nn.Module, device: torch.device) -> None:
@@ -61,8 +75,9 @@ def stream(block: nn.Module, device: torch.device) -> None:
 
 def visit_while_called(module: nn.Module, device: torch.device) -> None:
     """Give the module copies of its weights on `device` for each call, unless they are there already, and
-    its own CPU tensors back after the call: nothing is copied back, since the weights did not change."""
-    undo = []
+    its own CPU tensors back after the call: nothing is copied back, since the weights did not change. The
+    restores wait in `module.streamed_home` until then (`on_device` runs them if the call never returns)."""
+    undo = module.streamed_home = []
 
     def arrive(module, args):
         if next(module.parameters()).is_cpu:
@@ -72,9 +87,7 @@ def visit_while_called(module: nn.Module, device: torch.device) -> None:
                     setattr(owner, name, copy_to(tensor, device))
 
     def leave(module, args, output):
-        for restore in undo:
-            restore()
-        undo.clear()
+        go_home(undo)
 
     module.register_forward_pre_hook(arrive)
     module.register_forward_hook(leave)

@@ -1,13 +1,14 @@
 """Text to image with Mirage: prompts -> T5Gemma embeddings -> flow-matching denoising -> VAE decode.
 
-Follows diffusers' `PRXPipeline` (0.42.1) step for step, with three deliberate differences:
+Follows diffusers' `PRXPipeline` (0.42.1) step for step, with four deliberate differences:
 - every image gets its own prompt's embeddings AND mask (the reference repeat-interleaves embeddings but
   tiles masks, so with several prompts and several images each, images get another prompt's mask), and
   the timestep is broadcast to the batch (the reference's `.repeat(2)` crashes any CFG batch > 1);
 - prompts are encoded only up to the longest one in the batch instead of 256 tokens: the encoder's
   output at real tokens does not depend on padding and the transformer masks padded keys, so the
   result is the same for a fraction of the work;
-- the text side of the transformer (projection, per-block keys/values) is computed once per call.
+- the text side of the transformer (projection, per-block keys/values) is computed once per call;
+- a binned image resized back to the request is never a pixel short of it (see `resize_and_crop`).
 
 Shapes: B prompts, K images per prompt, N = B * K images, L text tokens, D text width,
 C latent channels, h/w latent grid, H/W pixels.
@@ -15,6 +16,7 @@ C latent channels, h/w latent grid, H/W pixels.
 
 import logging
 import math
+import operator
 from pathlib import Path
 
 import torch
@@ -77,12 +79,16 @@ def nearest_bin(height: int, width: int, sample_size: int) -> tuple[int, int]:
 
 
 def resize_and_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Scale [N, 3, H', W'] so it covers (height, width), then centre-crop to it, as the reference does."""
+    """Scale [N, 3, H', W'] so it covers (height, width), then centre-crop to it, as the reference does.
+
+    The reference truncates the scaled size, which can fall one pixel short of the request (768x1344 scaled to
+    cover 500x900 is 500x899); its crop then starts at -1 and keeps a single column. Never below the request here.
+    """
     h, w = images.shape[-2:]
     if (h, w) == (height, width):
         return images
     ratio = max(height / h, width / w)
-    new_h, new_w = int(h * ratio), int(w * ratio)  # truncated, like the reference
+    new_h, new_w = max(int(h * ratio), height), max(int(w * ratio), width)  # truncated like the reference
     images = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return images[..., top : top + height, left : left + width]  # [N, 3, height, width]
@@ -265,8 +271,9 @@ class MiragePipeline:
         return loaded_bytes(self.folder / f"{name}.safetensors", run_dtype(model_class, self.dtype, self.device))
 
     def running(self, name: str):
-        """Context in which model `name` sits on the device (a no-op unless offloading model by model)."""
-        return memory.on_device(self.model(name), self.device, enabled=self.offload == "model")
+        """Context in which model `name` runs on the device: moved there for it with model offload; with sequential
+        offload each part visits as it runs (and is sent home even if the call stops midway)."""
+        return memory.on_device(self.model(name), self.device, self.offload)
 
     def free_text_encoder(self) -> None:
         """Drop the text encoder after encoding unless it was asked to stay, or memory is ample."""
@@ -325,6 +332,9 @@ class MiragePipeline:
         for group_embeds, group_mask in groups:
             if group_mask is None:
                 group_mask = torch.ones(group_embeds.shape[:2], dtype=torch.bool)
+            elif group_mask.shape != group_embeds.shape[:2]:
+                shapes = f"{tuple(group_mask.shape)} for embeddings {tuple(group_embeds.shape)}"
+                raise ValueError(f"a text mask of shape {shapes}: a mask is [B, L] for embeddings [B, L, D]")
             # Each image gets its own prompt's embeddings AND mask: [B, ...] -> [B * K, ...].
             embeds.append(group_embeds.repeat_interleave(num_images_per_prompt, dim=0))
             masks.append(group_mask.bool().repeat_interleave(num_images_per_prompt, dim=0))
@@ -375,8 +385,9 @@ class MiragePipeline:
         request = (height or sampling.default_sample_size, width or sampling.default_sample_size)
         prompt, negative_prompt, batch = self._check_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, request, use_resolution_binning, steps,
-            guidance_scale, seed, num_images_per_prompt, output_type,
+            guidance_scale, num_images_per_prompt, output_type,
         )  # fmt: skip
+        seed = _checked_seed(seed, generator)
         height, width = nearest_bin(*request, sampling.default_sample_size) if use_resolution_binning else request
         guidance = guidance_scale > 1.0
         embeds, masks = self.text_conditioning(
@@ -432,7 +443,7 @@ class MiragePipeline:
 
     def _check_inputs(
         self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, request, binning, steps, guidance_scale,
-        seed, num_images_per_prompt, output_type,
+        num_images_per_prompt, output_type,
     ):  # fmt: skip
         """Validate a request up front; -> (prompts, negative prompts, number of prompts)."""
         if (prompt is None) == (prompt_embeds is None):
@@ -447,13 +458,12 @@ class MiragePipeline:
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {batch} prompts: pass one, or one each")
         if prompt_embeds is not None and guidance_scale > 1 and negative_prompt_embeds is None:
             raise ValueError("with prompt_embeds and guidance_scale > 1, pass negative_prompt_embeds too")
+        if negative_prompt_embeds is not None and len(negative_prompt_embeds) != batch:
+            raise ValueError(f"got {len(negative_prompt_embeds)} negative prompt embeddings for {batch} prompts")
         if steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
         if not 1 <= guidance_scale < math.inf:
             raise ValueError(f"guidance_scale must be a number >= 1 (1 turns guidance off), got {guidance_scale}")
-        seeds = [] if seed is None else list(seed) if isinstance(seed, (list, tuple)) else [seed]
-        for bad in [s for s in seeds if not 0 <= s < SEED_RANGE][:1]:
-            raise ValueError(f"seeds must be in [0, 2**64), got {bad}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         if output_type not in OUTPUT_TYPES:
@@ -486,6 +496,23 @@ class MiragePipeline:
     def fuse_lora(self, name: str | None = None) -> None:
         """Merge one loaded LoRA (default: all) into the transformer's weights: no cost per step."""
         lora.fuse_lora(self.transformer, name)
+
+
+def _checked_seed(seed, generator: torch.Generator | None) -> int | list[int] | None:
+    """`seed` (one, or a list of one per image) as Python ints, checked before any model runs."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be one torch.Generator, not a {type(generator).__name__}: "
+                         "for one per image, pass seed=[...]")  # fmt: skip
+    if seed is None:
+        return None
+    many = isinstance(seed, (list, tuple))
+    try:  # integer-like values (numpy, 0-d tensors) become ints; floats are refused
+        seeds = [operator.index(s) for s in (seed if many else [seed])]
+    except TypeError:
+        raise ValueError(f"seeds must be integers, got {seed!r}") from None
+    for bad in [s for s in seeds if not 0 <= s < SEED_RANGE][:1]:
+        raise ValueError(f"seeds must be in [0, 2**64), got {bad}")
+    return seeds if many else seeds[0]
 
 
 def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:

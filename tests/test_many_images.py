@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +262,24 @@ def test_text_encoder_is_read_once_per_run(mirage_flux, tmp_path, monkeypatch):
     sample.main(["--weights", str(mirage_flux), "--prompt", "a fox", "--steps", "1", "--height", "64", "--width", "64",
                  "--device", "cpu", "--output", str(tmp_path / "fox.png"), "--seed", "1"])  # fmt: skip
     assert loads == [("text_encoder", []), ("transformer", []), ("vae", ["transformer"])]
+
+
+def test_trajectory_strips_decode_where_the_pipeline_runs_the_vae(mirage_flux, monkeypatch):
+    """With model offload the VAE is on the GPU only inside `pipe.running("vae")`: the strips decode there."""
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
+    recorder = jobs.Trajectory()
+    pipe("a fox", seed=0, num_inference_steps=2, height=64, width=64, use_resolution_binning=False,
+         callback=recorder, progress=False)  # fmt: skip
+    inside, running = [], pipe.running
+
+    @contextmanager
+    def watched(name):
+        inside.append(f"enter {name}")
+        with running(name) as model:
+            yield model
+        inside.append(f"leave {name}")
+
+    monkeypatch.setattr(pipe, "running", watched)
+    monkeypatch.setattr(jobs, "decode_latents", lambda vae, x0: inside.append("decode") or torch.zeros(1, 3, 64, 64))
+    assert recorder.strips(pipe, 64, 64, count=2)[0].size == (128, 64)
+    assert inside == ["enter vae", "decode", "decode", "leave vae"]

@@ -81,6 +81,22 @@ def test_block_streaming_runs_every_weight_on_the_device_and_keeps_the_cpu_copy(
     assert {param.device for param in now} == {torch.device("cpu")}  # nothing stays on the device
 
 
+class CtrlC(torch.nn.Module):
+    def forward(self, x):
+        raise KeyboardInterrupt
+
+
+def test_a_streamed_call_stopped_midway_still_sends_the_weights_home():
+    """Ctrl-C inside a block skips its forward hooks: `on_device` puts its CPU tensors back, so a LoRA fused after
+    the interruption lands in the weights the next call copies, not in a stale device copy."""
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4), CtrlC()))  # one block: a linear, then ^C
+    weight, meta = model[0][0].weight, torch.device("meta")
+    memory.stream_parts(model, meta)
+    with pytest.raises(KeyboardInterrupt), memory.on_device(model, meta, "sequential"):
+        model(torch.zeros(1, 4, device=meta))
+    assert model[0][0].weight is weight and weight.device == torch.device("cpu")
+
+
 def test_an_embedding_table_is_read_in_cpu_memory():
     table = torch.nn.Embedding(10, 4)
     memory.stream_parts(torch.nn.Sequential(table), torch.device("meta"))

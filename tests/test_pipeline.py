@@ -161,6 +161,8 @@ def test_seed_latents_and_generator_agree(ours_flux):
     assert torch.equal(by_seed, by_latents) and torch.equal(by_seed, by_generator)
     other = ours(ours_flux, PROMPTS[0], seed=6, guidance_scale=1.0, output_type="latent")
     assert not torch.equal(by_seed, other)
+    for integer_like in (np.int64(5), torch.tensor(5)):  # numpy and 0-d tensor seeds are ints too
+        assert torch.equal(ours(ours_flux, PROMPTS[0], seed=integer_like, guidance_scale=1.0, output_type="latent"), by_seed)
 
 
 def test_defaults_come_from_the_checkpoint(ours_flux):
@@ -177,6 +179,11 @@ def test_precomputed_embeddings_equal_the_prompt_path(ours_flux):
     )  # fmt: skip
     by_prompt = ours(ours_flux, PROMPTS[0], output_type="latent")
     assert torch.equal(by_embeds, by_prompt)
+    for cut in (mask[1:, :1], torch.cat([mask[1:], mask[1:]], dim=1)):  # a mask shorter or longer than its embeddings
+        with pytest.raises(ValueError, match=r"a text mask of shape .*: a mask is \[B, L\] for embeddings \[B, L, D\]"):
+            ours_flux(prompt_embeds=embeds[1:], prompt_mask=cut, negative_prompt_embeds=embeds[:1], progress=False)
+    with pytest.raises(ValueError, match="got 2 negative prompt embeddings for 1 prompts"):
+        ours_flux(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds, progress=False)
 
 
 def test_custom_sigmas_set_the_schedule(ref_flux, ours_flux):
@@ -199,6 +206,8 @@ def test_custom_sigmas_set_the_schedule(ref_flux, ours_flux):
         (dict(seed=-1), r"seeds must be in \[0, 2\*\*64\), got -1"),
         (dict(seed=[0, 2**64], num_images_per_prompt=2), r"seeds must be in \[0, 2\*\*64\), got 18446744073709551616"),
         (dict(height=20_000), "height and width must be 1 to 16384 pixels, got 20000x256"),
+        (dict(seed=5.0), "seeds must be integers, got 5.0"),
+        (dict(generator=[torch.Generator()]), "generator must be one torch.Generator, not a list: for one per image"),
         (dict(prompt=[]), "empty"),
         (dict(height=248, width=256, use_resolution_binning=False), "multiples of 16"),
         (dict(output_type="jpeg"), "output_type"),
@@ -219,6 +228,16 @@ def test_resize_and_crop_matches_reference_image_processor():
     for height, width in [(200, 300), (192, 320), (333, 517), (100, 400)]:
         expected = PixArtImageProcessor.resize_and_crop_tensor(images, width, height)
         assert torch.equal(resize_and_crop(images, height, width), expected)
+
+
+def test_resize_and_crop_is_never_a_pixel_short(ours_flux):
+    """768x1344 scaled to cover 500x900 truncates to 500x899: the reference then crops from -1 and keeps one column."""
+    from diffusers.image_processor import PixArtImageProcessor
+
+    images = torch.rand(1, 3, 768, 1344, generator=torch.Generator().manual_seed(0))
+    assert PixArtImageProcessor.resize_and_crop_tensor(images, 900, 500).shape == (1, 3, 500, 1)  # the reference bug
+    assert resize_and_crop(images, 500, 900).shape == (1, 3, 500, 900)
+    assert ours(ours_flux, PROMPTS[0], height=64, width=185, guidance_scale=1.0)[0].size == (185, 64)
 
 
 def test_devices_this_torch_cannot_use_are_refused(monkeypatch):
