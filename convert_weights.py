@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from mirage.configs import (
+    VAE_TYPES,
     DCAEConfig,
     FluxVAEConfig,
     MirageConfig,
@@ -37,11 +38,13 @@ from mirage.configs import (
     TransformerConfig,
 )
 from mirage.loading import CheckpointError, check_state_dict, read_config, read_safetensors, rename_original_key
-from mirage.pipeline import COMPONENTS, component, load_tokenizer
+from mirage.pipeline import ASPECT_RATIO_BINS, COMPONENTS, component, load_tokenizer
 from mirage.precision import DTYPES
 from mirage.tokenizer import sentencepiece_model_from_tokenizer_json
 
 VAE_CLASS_NAMES = {"AutoencoderKL": "flux", "AutoencoderDC": "dc-ae"}
+# Distilled checkpoints ("distilled" in the name) sample in 8 steps without guidance; others take SamplingConfig's.
+DISTILLED_SAMPLING = {"num_inference_steps": 8, "guidance_scale": 1.0}
 
 # Black Forest Labs' `ae.safetensors` (the original LDM naming) -> diffusers AutoencoderKL, per name part.
 BFL_VAE_RENAMES = {
@@ -300,11 +303,10 @@ def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes]:
     scheduler = read_scheduler(src / "scheduler") if src and (src / "scheduler").is_dir() else {}
 
     distilled = "distilled" in " ".join(str(s) for s in (args.src, args.transformer) if s)
+    given = {"num_inference_steps": args.steps, "guidance_scale": args.guidance,
+             "default_sample_size": args.sample_size or sample_size}  # fmt: skip
     sampling = SamplingConfig(
-        **scheduler,
-        num_inference_steps=args.steps if args.steps is not None else 8 if distilled else 28,
-        guidance_scale=args.guidance if args.guidance is not None else 1.0 if distilled else 4.0,
-        default_sample_size=args.sample_size or sample_size or 512,
+        **scheduler, **(DISTILLED_SAMPLING if distilled else {}), **{k: v for k, v in given.items() if v is not None}
     )
     config = MirageConfig(transformer_config, text_config, tokenizer_config, vae_type, vae_config, sampling)
     load_tokenizer(tokenizer_model, config, source=f"the tokenizer in {tokenizer_path}")
@@ -376,7 +378,8 @@ def describe(config: MirageConfig, weights: dict, dtype) -> list[str]:
         f"transformer:  PRX, hidden {t.hidden_size}, depth {t.depth}, {t.num_heads} heads, patch {t.patch_size}; "
         + summary(weights["transformer"]),
         f"text encoder: T5Gemma encoder, {config.text_encoder.num_hidden_layers} layers; " + summary(weights["text_encoder"]),
-        f"vae:          {'Flux VAE (8x, 16 channels)' if config.vae_type == 'flux' else 'DC-AE (32x, 32 channels)'}; "
+        f"vae:          {'Flux VAE' if config.vae_type == 'flux' else 'DC-AE'} "
+        f"({config.vae.spatial_compression}x, {config.vae.latent_channels} channels); "
         + summary(weights["vae"]),
         f"sampling:     {config.sampling.num_inference_steps} steps, guidance {config.sampling.guidance_scale}, "
         f"shift {config.sampling.shift}, {config.sampling.default_sample_size} px",
@@ -391,10 +394,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text-encoder", help="T5Gemma encoder folder, or the full google/t5gemma-2b-2b-ul2")
     parser.add_argument("--tokenizer", help="tokenizer folder (tokenizer.model, or tokenizer.json)")
     parser.add_argument("--vae", help="diffusers AutoencoderKL/AutoencoderDC folder, or Black Forest Labs' ae.safetensors")
-    parser.add_argument("--vae-type", choices=("flux", "dc-ae"), help="when nothing else says which VAE it is")
-    parser.add_argument("--steps", type=int, help="recommended steps (default: 28, or 8 for distilled checkpoints)")
-    parser.add_argument("--guidance", type=float, help="recommended guidance (default: 4.0, or 1.0 for distilled)")
-    parser.add_argument("--sample-size", type=int, choices=(256, 512, 1024), help="training resolution, if SRC lacks it")
+    parser.add_argument("--vae-type", choices=VAE_TYPES, help="when nothing else says which VAE it is")
+    default, distilled = SamplingConfig(), SamplingConfig(**DISTILLED_SAMPLING)
+    parser.add_argument("--steps", type=int, help=f"recommended steps (default: {default.num_inference_steps}, "
+                        f"or {distilled.num_inference_steps} for distilled checkpoints)")  # fmt: skip
+    parser.add_argument("--guidance", type=float, help=f"recommended guidance (default: {default.guidance_scale}, "
+                        f"or {distilled.guidance_scale} for distilled)")  # fmt: skip
+    parser.add_argument("--sample-size", type=int, choices=sorted(ASPECT_RATIO_BINS), help="training resolution, if SRC lacks it")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="stored dtype (default: keep the source's)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return parser.parse_intermixed_args(argv)  # SRC is optional: let flags sit between SRC and OUT

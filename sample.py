@@ -150,7 +150,7 @@ def output_paths(output: Path | None, count: int, trajectory: bool = False) -> l
     elif count == 1:
         paths = [output]
     else:
-        paths = [output.with_name(f"{output.stem}_{i}{output.suffix or '.png'}") for i in range(count)]
+        paths = [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
     if trajectory:
         paths += [path.with_suffix(".trajectory.png") for path in paths]
     for path in paths:

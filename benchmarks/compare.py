@@ -484,7 +484,7 @@ def step_flops(settings: dict, inputs: dict) -> float:
     config = mirage.transformer
     tokens = (settings["resolution"] // (mirage.vae.spatial_compression * config.patch_size)) ** 2
     keys = tokens + inputs["prompt_tokens"]
-    d, d_mlp = config.hidden_size, int(config.hidden_size * config.mlp_ratio)
+    d, d_mlp = config.hidden_size, config.mlp_hidden_size
     macs_per_token = 4 * d * d + 3 * d * d_mlp + 2 * keys * d  # qkv + out, gate + up + down, QK^T and PV
     return 2 * 2 * config.depth * tokens * macs_per_token
 

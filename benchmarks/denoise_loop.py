@@ -3,7 +3,7 @@
     python benchmarks/denoise_loop.py --device cuda                    # 512 px, 28 CFG steps, bf16, every mode
     python benchmarks/denoise_loop.py --device cpu --dtype fp32 --modes eager compiled --steps 4
 
-The transformer comes from the checkpoint that benchmarks/compare.py builds and caches; the text side is
+The transformer comes from the checkpoint that benchmarks/checkpoint.py builds and caches; the text side is
 random embeddings shaped like a 34-token prompt and an empty negative prompt (one token, padded). Each mode
 runs in a process of its own, so its first loop is a cold one (cuDNN plans, graph recording, compiling);
 the table gives that loop, the best of the warm ones after it, and how far each mode's latents are from
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="default: bf16")
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps per loop (default: 28)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default: 5)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale, > 1 (default: 5)")
     parser.add_argument("--loops", type=int, default=3, help="loops per mode, the first cold (default: 3)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all")
     parser.add_argument("--vae", choices=VAE_TYPES, default="flux", help="checkpoint variant (default: flux)")
@@ -75,6 +75,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.loops < 2:
         parser.error("--loops must be at least 2: one cold loop, then warm ones")
+    if args.guidance <= 1:
+        parser.error("--guidance must be > 1: the loop measured is the CFG one (two text rows per image)")
     if args.device != "cuda" and any(mode.endswith("graph") for mode in args.modes):
         parser.error("CUDA graph modes need --device cuda: choose --modes eager compiled")
     _, folder = ensure_checkpoint(args.cache, args.vae)

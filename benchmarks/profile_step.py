@@ -4,7 +4,7 @@
     python benchmarks/profile_step.py --side reference --component text --tokens 30
     python benchmarks/profile_step.py --device cuda --compile          # the GPU kernels of a compiled step
 
-Only the profiled component is loaded, from the checkpoint that benchmarks/compare.py builds and caches.
+Only the profiled component is loaded, from the checkpoint that benchmarks/checkpoint.py builds and caches.
 The component runs once to warm up (twice when compiled), then once under the profiler; on CUDA the table
 lists the GPU kernels by their time.
 """

@@ -148,9 +148,6 @@ class TextEncoderConfig:
         return cls(**values)
 
 
-T5GEMMA_2B = TextEncoderConfig()  # google/t5gemma-2b-2b-ul2's encoder, the text_encoder/ of every PRX checkpoint
-
-
 # ---- tokenizer ------------------------------------------------------------------------------
 
 _UNSET_MAX_LENGTH = int(1e30)  # transformers' VERY_LARGE_INTEGER: a tokenizer_config.json without a real limit

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from . import lora, memory
-from .autoencoder import decode_latents
+from .autoencoder import decode_latents, to_unit_range
 from .configs import MirageConfig
 from .loading import CheckpointError, load_model, loaded_bytes, read_config
 from .precision import run_dtype
@@ -400,8 +400,9 @@ class MiragePipeline:
         with self.running("transformer") as transformer:
             context = transformer.encode_text(embeds, masks)  # the text side, once for all steps
             latents = denoise(
-                transformer, latents, schedule, context, guidance_scale, callback, progress, cuda_graph=self.cuda_graph
-            )
+                transformer, latents, schedule, context, guidance_scale, callback, progress, cuda_graph=self.cuda_graph,
+                num_train_timesteps=sampling.num_train_timesteps,
+            )  # fmt: skip
         check_finite(latents, "the transformer's latents")
         if output_type == "latent":
             return latents
@@ -410,7 +411,7 @@ class MiragePipeline:
         check_finite(images, "the VAE's images")
         if use_resolution_binning:
             images = resize_and_crop(images, *request)
-        images = (images / 2 + 0.5).clamp(0, 1)
+        images = to_unit_range(images)
         if output_type == "pt":
             return images
         if output_type == "np":

@@ -67,6 +67,7 @@ def denoise(
     callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
     progress: bool = False,
     cuda_graph: bool = False,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
 ) -> Tensor:
     """Integrate latents [B, C, H, W] at noise level sigmas[0] down to sigmas[-1]; returns them in their dtype.
 
@@ -77,9 +78,10 @@ def denoise(
     guided = guidance_scale > 1  # at 1 the guided velocity is the conditional one: skip the unconditional pass
     if text.batch_size != latents.shape[0] * (2 if guided else 1):
         raise ValueError(f"{text.batch_size} text rows for {latents.shape[0]} latents with guidance {guidance_scale}")
-    # The reference feeds the model timestep / T where timestep = sigma * T in fp32; that round trip moves ~3 % of
-    # sigmas by one ulp, which the x1000 time embedding amplifies, so take the same path.
-    model_sigmas = (sigmas[:-1] * NUM_TRAIN_TIMESTEPS / NUM_TRAIN_TIMESTEPS).to(latents.device)
+    # The reference feeds the model timestep / T where timestep = sigma * T in fp32 (T: the scheduler's
+    # num_train_timesteps); that round trip moves ~3 % of sigmas by one ulp, which the x1000 time embedding
+    # amplifies, so take the same path.
+    model_sigmas = (sigmas[:-1] * num_train_timesteps / num_train_timesteps).to(latents.device)
     # The adaLN vectors depend only on sigma: compute every step's at once, one row broadcast over the batch.
     mods = model.modulate(model_sigmas, *latents.shape[-2:])
     step = StepGraph(model, text) if cuda_graph else partial(model.forward_modulated, text=text)

@@ -2,7 +2,7 @@
 
 Follows transformers 5's `GemmaTokenizer` as PRX's pipeline calls it: BPE with byte fallback, spaces
 become "▁" and nothing else is normalised, no dummy prefix; "<bos>" first (as the config says),
-truncation keeps "<bos>" + (max_length - 1) text tokens, padding on the configured side (left by
+truncation keeps the special tokens and as many text tokens as fit in max_length, padding on the configured side (left by
 default) with an attention mask. Special-token literals typed in a prompt ("<bos>", "<pad>",
 "<mask>", any control or user-defined piece of the model) become their ids, as transformers' added
 tokens do. Built on `sentencepiece` and a `tokenizer.model`, whose BPE reproduces transformers' ids.
@@ -71,7 +71,7 @@ class GemmaTokenizer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenise a batch: input_ids [B, L] long and attention_mask [B, L] bool, where L is max_length
         (default: the config's model_max_length) with padding="max_length", or the longest row with
-        padding="longest". Rows longer than max_length are cut to <bos> + text[: max_length - 1]."""
+        padding="longest". Longer rows keep <bos> (and <eos>, if the config adds it) and the text tokens that fit."""
         if isinstance(texts, str) or not texts:
             raise ValueError("texts must be a non-empty list of strings")
         if padding not in ("max_length", "longest"):

@@ -186,6 +186,15 @@ def test_precomputed_embeddings_equal_the_prompt_path(ours_flux):
         ours_flux(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds, progress=False)
 
 
+def test_the_checkpoints_num_train_timesteps_reaches_the_loop(ours_flux, monkeypatch):
+    import mirage.pipeline
+
+    calls, denoise = [], mirage.pipeline.denoise
+    monkeypatch.setattr(mirage.pipeline, "denoise", lambda *args, **kwargs: calls.append(kwargs) or denoise(*args, **kwargs))
+    ours(ours_flux, PROMPTS[0], output_type="latent")
+    assert [c["num_train_timesteps"] for c in calls] == [ours_flux.config.sampling.num_train_timesteps]
+
+
 def test_custom_sigmas_set_the_schedule(ref_flux, ours_flux):
     """Custom sigmas are shifted like the scheduler's own (the checkpoint's shift is 2.5)."""
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(ref_flux.scheduler.config)

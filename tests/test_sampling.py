@@ -112,17 +112,20 @@ def test_guided_batch_equals_the_reference_image_by_image():
 
 
 @torch.no_grad()
-def test_model_is_fed_the_reference_timestep_over_1000():
+@pytest.mark.parametrize("num_train_timesteps", [1000, 777])
+def test_model_is_fed_the_reference_timestep_over_num_train_timesteps(num_train_timesteps):
     ours, _ = make_pair(FLUX_TINY)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=3.0)
     scheduler.set_timesteps(14)
-    expected = scheduler.timesteps / 1000
+    expected = scheduler.timesteps / num_train_timesteps
     assert not torch.equal(expected, scheduler.sigmas[:-1])  # the round trip matters for this schedule
     seen = []
     modulate = ours.modulate
     ours.modulate = lambda sigma, h, w: seen.append(sigma) or modulate(sigma, h, w)
     embeds, masks = text_inputs(FLUX_TINY, batch=1, seed=13)
-    ours_loop(ours, torch.randn(1, 16, 4, 4), embeds, masks, 14, 2.0)
+    context = ours.encode_text(embeds.flatten(0, 1), masks.flatten(0, 1))
+    sigmas = flow_match_sigmas(14, 3.0, num_train_timesteps)
+    denoise(ours, torch.randn(1, 16, 4, 4), sigmas, context, 2.0, num_train_timesteps=num_train_timesteps)
     assert len(seen) == 1 and torch.equal(seen[0], expected)  # every step's modulation computed once, up front
 
 
