@@ -197,16 +197,8 @@ def main(argv=None) -> None:
         use_resolution_binning=not options.no_binning,
         callback=trajectory,
     )
-    sampling = pipe.config.sampling  # record what was used, the checkpoint's defaults included
-    settings = {
-        **run_settings(options, weights, pipe),
-        "seed": seed,
-        "output": None,
-        "steps": options.steps or sampling.num_inference_steps,
-        "guidance": options.guidance or sampling.guidance_scale,
-        "height": options.height or sampling.default_sample_size,
-        "width": options.width or sampling.default_sample_size,
-    }
+    # record what was used, the checkpoint's defaults included
+    settings = {**run_settings(options, weights, pipe), "seed": seed, "output": None, **sampled(options, pipe.config)}
     strips = trajectory.strips(pipe, images[0].height, images[0].width) if trajectory else []
     for index, (picture, path) in enumerate(zip(images + strips, paths)):  # the images, then their strips
         write_png(picture, path, {**settings, "image_index": index % len(images)})
@@ -219,15 +211,8 @@ def make_many(options: Options, weights: Path, started: float) -> None:
     from mirage import jobs
     from mirage.loading import read_config
 
-    sampling = read_config(weights).sampling
-    defaults = jobs.Defaults(  # flags are checked positive, so `or` only replaces an unset one
-        negative_prompt=options.negative_prompt,
-        seed=0 if options.seed is None else options.seed,
-        height=options.height or sampling.default_sample_size,
-        width=options.width or sampling.default_sample_size,
-        steps=options.steps or sampling.num_inference_steps,
-        guidance=options.guidance or sampling.guidance_scale,
-    )
+    seed = 0 if options.seed is None else options.seed
+    defaults = jobs.Defaults(negative_prompt=options.negative_prompt, seed=seed, **sampled(options, read_config(weights)))
     items = jobs.read_prompts(options.prompts_file, defaults)  # a bad line stops us before any weight is read
     outdir = options.outdir or Path("outputs") / options.prompts_file.stem
     check_writable(outdir, "--outdir")
@@ -262,6 +247,18 @@ def make_many(options: Options, weights: Path, started: float) -> None:
             print(f"wrote {written} images in {elapsed:.1f} s; {outdir / jobs.MANIFEST} lists {listed}")
     finally:
         world.stop()
+
+
+def sampled(options: Options, config) -> dict:
+    """Steps, guidance and size: the flags', else the checkpoint's (flags are checked positive, so `or` only
+    replaces an unset one)."""
+    sampling = config.sampling
+    return {
+        "steps": options.steps or sampling.num_inference_steps,
+        "guidance": options.guidance or sampling.guidance_scale,
+        "height": options.height or sampling.default_sample_size,
+        "width": options.width or sampling.default_sample_size,
+    }
 
 
 def load_pipeline(options: Options, weights: Path, device):
