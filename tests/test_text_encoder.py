@@ -225,10 +225,15 @@ def test_token_outputs_do_not_depend_on_padding():
 
 
 def test_float16_weights_still_run():
+    """The pipeline never runs the encoder in float16 (mirage.precision), but a user may: it stays close to fp32 on
+    real tokens here (measured 1.9e-3), at activations far below float16's range."""
     _, ours = tiny_pair()
     ids, mask = pad(random_prompts([6, 3]), 6, "left")
     with torch.no_grad():
-        assert torch.isfinite(ours.half()(ids, mask)).all()
+        full = ours(ids, mask)
+        half = ours.half()(ids, mask)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    assert max_rel_err(half.float()[mask], full[mask]) < 1e-2
 
 
 # ---- full size ------------------------------------------------------------------------------
