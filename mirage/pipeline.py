@@ -511,7 +511,8 @@ def _checked_seed(seed, generator: torch.Generator | None) -> int | list[int] | 
         seeds = [operator.index(s) for s in (seed if many else [seed])]
     except TypeError:
         raise ValueError(f"seeds must be integers, got {seed!r}") from None
-    for bad in [s for s in seeds if not 0 <= s < SEED_RANGE][:1]:
+    bad = next((s for s in seeds if not 0 <= s < SEED_RANGE), None)
+    if bad is not None:
         raise ValueError(f"seeds must be in [0, 2**64), got {bad}")
     return seeds if many else seeds[0]
 
