@@ -1,6 +1,7 @@
 """Lazy loading, freeing the text encoder, offload modes and compiled blocks change no output; converting
 reads hold one copy of the weights."""
 
+import functools
 import subprocess
 import sys
 
@@ -16,8 +17,8 @@ from mirage.sampling import denoise, flow_match_sigmas
 PROMPT = "a lighthouse on a cliff at dawn"
 
 
-def generate(pipe, output_type="latent", **kwargs):
-    return pipe(PROMPT, seed=1, num_inference_steps=2, output_type=output_type, progress=False, **kwargs)
+def generate(pipe, output_type="latent", prompt=PROMPT, **kwargs):
+    return pipe(prompt, seed=1, num_inference_steps=2, output_type=output_type, progress=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,27 @@ def test_compiled_models_equal_eager(checkpoint, request):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     assert torch.allclose(compiled, generate(eager, output_type="pt"), rtol=1e-4, atol=1e-5)
 
+
+NEW_SHAPES = {
+    "prompt lengths": [dict(prompt=p) for p in ("a fox", "a fox in the snow at dawn", "a red fox", "a red fox asleep in the snow")],
+    "image sizes": [dict(height=h, width=w) for h, w in ((256, 256), (320, 256), (384, 448), (256, 640))],
+}
+
+
+@pytest.mark.parametrize("changing", NEW_SHAPES)
+def test_new_shapes_compile_no_more_after_the_second(mirage_flux, monkeypatch, changing):
+    # torch.compile specialises on the first shapes it sees and makes those that changed dynamic at the next
+    # compile: a third prompt length or image size must reuse that code, not compile again (seconds to minutes).
+    eager_backend = functools.partialmethod(torch.nn.Module.compile, backend="eager")  # tracing and guards matter here
+    monkeypatch.setattr(torch.nn.Module, "compile", eager_backend)
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", compile=True, keep_text_encoder=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+    for call in NEW_SHAPES[changing]:
+        generate(pipe, output_type="pt", **call)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[2] == graphs[3], graphs
 
 COLD_EAGER_SCRIPT = """
 import sys
