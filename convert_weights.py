@@ -235,7 +235,8 @@ def read_vae(path: Path, vae_type: str | None) -> tuple[str, FluxVAEConfig | DCA
 
 
 def rename_bfl_vae_key(key: str) -> str:
-    """`decoder.up.{i}` counts from the lowest resolution up; diffusers' `up_blocks` from the top down."""
+    """BFL numbers `decoder.up.{i}` by resolution level, 0 the full-resolution one (run last); diffusers numbers
+    `up_blocks` in the order they run, lowest resolution first: up.i is up_blocks.(3 - i)."""
     match = re.fullmatch(r"decoder\.up\.(\d+)\.(.+)", key)
     if match:
         key = f"decoder.up.{3 - int(match[1])}.{match[2]}"

@@ -184,21 +184,21 @@ def main(argv=None) -> None:
     if options.seed is None:
         print(f"seed {seed}")
     pipe = load_pipeline(options, weights, options.device)
+    used = sampled(options, pipe.config)  # the flags', else the checkpoint's: what runs is what gets recorded
     trajectory = Trajectory() if options.save_trajectory else None
     images = pipe(
         options.prompt,
         negative_prompt=options.negative_prompt,
-        height=options.height,
-        width=options.width,
-        num_inference_steps=options.steps,
-        guidance_scale=options.guidance,
+        height=used["height"],
+        width=used["width"],
+        num_inference_steps=used["steps"],
+        guidance_scale=used["guidance"],
         seed=seed,
         num_images_per_prompt=options.num_images,
         use_resolution_binning=not options.no_binning,
         callback=trajectory,
     )
-    # record what was used, the checkpoint's defaults included
-    settings = {**run_settings(options, weights, pipe), "seed": seed, "output": None, **sampled(options, pipe.config)}
+    settings = {**run_settings(options, weights, pipe), "seed": seed, "output": None, **used}
     strips = trajectory.strips(pipe, images[0].height, images[0].width) if trajectory else []
     for index, (picture, path) in enumerate(zip(images + strips, paths)):  # the images, then their strips
         write_png(picture, path, {**settings, "image_index": index % len(images)})

@@ -77,7 +77,7 @@ def main(argv=None) -> None:
         parser.error("--loops must be at least 2: one cold loop, then warm ones")
     if args.guidance <= 1:
         parser.error("--guidance must be > 1: the loop measured is the CFG one (two text rows per image)")
-    if args.device != "cuda" and any(mode.endswith("graph") for mode in args.modes):
+    if torch.device(args.device).type != "cuda" and any(mode.endswith("graph") for mode in args.modes):
         parser.error("CUDA graph modes need --device cuda: choose --modes eager compiled")
     _, folder = ensure_checkpoint(args.cache, args.vae)
     if args.worker:

@@ -30,6 +30,7 @@ def ours(folder: Path, component: str, dtype, resolution: int, tokens: int, devi
     """-> a function running the component once on random inputs of the benchmark's shapes."""
     from mirage.loading import load_model, read_config
     from mirage.pipeline import compile_model
+    from mirage.precision import run_dtype
     from mirage.sampling import flow_match_sigmas
     from mirage.text_encoder import T5GemmaEncoder
     from mirage.transformer import MirageTransformer
@@ -38,16 +39,18 @@ def ours(folder: Path, component: str, dtype, resolution: int, tokens: int, devi
 
     config = read_config(folder)
 
-    def load(name, make):
-        model = load_model(make, folder / f"{name}.safetensors", device, dtype)
+    def load(name, model_class, model_config):  # in the dtype the pipeline runs it in (see mirage.precision)
+        path = folder / f"{name}.safetensors"
+        model = load_model(lambda: model_class(model_config), path, device, run_dtype(model_class, dtype, device))
         return compile_model(model, name) if compile else model
 
     if component == "text":
-        model = load("text_encoder", lambda: T5GemmaEncoder(config.text_encoder))
+        model = load("text_encoder", T5GemmaEncoder, config.text_encoder)
         ids = torch.randint(4, 500, (2, tokens), device=device)
         return lambda: model(ids, torch.ones_like(ids, dtype=torch.bool))
     if component == "step":
-        model = load("transformer", lambda: MirageTransformer(config.transformer))
+        model = load("transformer", MirageTransformer, config.transformer)
+        dtype = model.dtype
         f = config.vae.spatial_compression
         latents = torch.randn(2, config.transformer.in_channels, resolution // f, resolution // f, dtype=dtype, device=device)
         embeds = torch.randn(2, tokens, config.transformer.context_in_dim, dtype=dtype, device=device)
@@ -57,8 +60,9 @@ def ours(folder: Path, component: str, dtype, resolution: int, tokens: int, devi
         mod = model.modulate(flow_match_sigmas(28)[:1].to(device), *latents.shape[-2:])
         return lambda: model.forward_modulated(latents, mod, context)
     vae_class = FluxVAE if config.vae_type == "flux" else DCAE
-    model = load("vae", lambda: vae_class(config.vae))
+    model = load("vae", vae_class, config.vae)
     f = model.spatial_compression
+    dtype = next(model.parameters()).dtype
     latents = torch.randn(1, model.latent_channels, resolution // f, resolution // f, dtype=dtype, device=device)
     return lambda: model.decode(latents)
 

@@ -24,7 +24,7 @@ import re
 import time
 import unicodedata
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from .autoencoder import decode_latents, to_unit_range
-from .pipeline import MAX_SIDE, SEED_RANGE, MiragePipeline, check_device, default_device, resize_and_crop, to_pil
+from .pipeline import SEED_RANGE, MiragePipeline, check_device, check_size, default_device, resize_and_crop, to_pil
 
 MANIFEST = "manifest.jsonl"
 TRAJECTORIES = "trajectories"  # folder under the output folder for the strips, so it holds one PNG per item
@@ -144,9 +144,10 @@ def _item(settings: dict, index: int, line: int, defaults: Defaults, where: str)
         raise PromptsFileError(f"{where}: seed must be in [0, 2**64), got {item.seed}")
     if item.steps < 1:
         raise PromptsFileError(f"{where}: steps must be at least 1, got {item.steps}")
-    for key in ("height", "width"):
-        if not 1 <= getattr(item, key) <= MAX_SIDE:
-            raise PromptsFileError(f"{where}: {key} must be 1 to {MAX_SIDE} pixels, got {getattr(item, key)}")
+    try:
+        check_size(item.height, item.width, multiple=1, binning=True)  # the multiple is the checkpoint's: check_sizes
+    except ValueError as err:
+        raise PromptsFileError(f"{where}: {err}") from None
     if not (math.isfinite(item.guidance) and item.guidance >= 1):
         raise PromptsFileError(f"{where}: guidance must be >= 1 (1 turns it off), got {item.guidance}")
     if not re.fullmatch(r"\w[\w.-]{0,199}", item.name):
@@ -166,24 +167,23 @@ def default_name(index: int, prompt: str) -> str:
 def check_sizes(items: list[Item], multiple: int, source: str | Path) -> None:
     """Without resolution binning every size must be a whole number of latent patches (`multiple` pixels)."""
     for item in items:
-        if item.height % multiple or item.width % multiple:
-            raise PromptsFileError(
-                f"{source}:{item.line}: {item.height}x{item.width} is not a multiple of {multiple} "
-                "(VAE factor x patch size): round it, or keep resolution binning on"
-            )
+        try:
+            check_size(item.height, item.width, multiple, binning=False)
+        except ValueError as err:
+            raise PromptsFileError(f"{source}:{item.line}: {err}") from None
 
 
 # ---- work split and resume ----
 
 
-def output_paths(item: Item, outdir: Path, trajectory: bool) -> list[Path]:
+def item_paths(item: Item, outdir: Path, trajectory: bool) -> list[Path]:
     paths = [outdir / item.file]
     return paths + [outdir / TRAJECTORIES / item.file] if trajectory else paths
 
 
 def pending(items: list[Item], outdir: Path, trajectory: bool = False) -> list[Item]:
     """The items whose outputs are not all on disk."""
-    return [item for item in items if not all(p.exists() for p in output_paths(item, outdir, trajectory))]
+    return [item for item in items if not all(p.exists() for p in item_paths(item, outdir, trajectory))]
 
 
 def batches(items: list[Item], size: int) -> list[list[Item]]:
@@ -231,7 +231,7 @@ class World:
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=RANKS_WAIT)
 
     def barrier(self, device: torch.device) -> None:
         if self.size > 1:
@@ -248,6 +248,11 @@ class World:
     def stop(self) -> None:
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# How long a rank that has finished waits for the others at the end (NCCL's default is 10 minutes): with mixed sizes
+# and step counts the shares can differ by hours; torchrun stops every rank if one fails, so this only waits for work.
+RANKS_WAIT = timedelta(hours=24)
 
 
 # ---- outputs and the manifest ----
@@ -291,7 +296,7 @@ def append_record(path: Path, record: dict) -> None:
 def write_item(outdir: Path, item: Item, image, strip, record: dict, manifest: Path) -> None:
     """Write an item's image (and strip), so that a file in place always has its manifest record: each picture
     goes to a .partial file, the record is appended, and only then are the pictures renamed into place."""
-    pictures = dict(zip(output_paths(item, outdir, strip is not None), (image, strip)))
+    pictures = dict(zip(item_paths(item, outdir, strip is not None), (image, strip)))
     for path, picture in pictures.items():
         save_png(picture, _partial(path), record)
     append_record(manifest, record)

@@ -28,9 +28,9 @@ def on_device(model: nn.Module, device: torch.device, offload: str | None):
     if offload is None:
         yield model
         return
-    if offload == "model":
-        model.to(device)
     try:
+        if offload == "model":
+            model.to(device)  # inside the try: a move that runs out of memory halfway is undone
         yield model
     finally:
         if offload == "model":

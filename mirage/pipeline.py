@@ -1,6 +1,6 @@
 """Text to image with Mirage: prompts -> T5Gemma embeddings -> flow-matching denoising -> VAE decode.
 
-Follows diffusers' `PRXPipeline` (0.42.1) step for step, with four deliberate differences:
+Follows diffusers' `PRXPipeline` (0.42.1) step for step, with five deliberate differences:
 - every image gets its own prompt's embeddings AND mask (the reference repeat-interleaves embeddings but
   tiles masks, so with several prompts and several images each, images get another prompt's mask), and
   the timestep is broadcast to the batch (the reference's `.repeat(2)` crashes any CFG batch > 1);
@@ -8,12 +8,14 @@ Follows diffusers' `PRXPipeline` (0.42.1) step for step, with four deliberate di
   output at real tokens does not depend on padding and the transformer masks padded keys, so the
   result is the same for a fraction of the work;
 - the text side of the transformer (projection, per-block keys/values) is computed once per call;
-- a binned image resized back to the request is never a pixel short of it (see `resize_and_crop`).
+- a binned image resized back to the request is never a pixel short of it (see `resize_and_crop`);
+- decodes above 1024x1024 px run in overlapping tiles (see `mirage.autoencoder.decode_latents`).
 
 Shapes: B prompts, K images per prompt, N = B * K images, L text tokens, D text width,
 C latent channels, h/w latent grid, H/W pixels.
 """
 
+import gc
 import logging
 import math
 import operator
@@ -136,8 +138,9 @@ def compile_model(model: nn.Module, name: str) -> nn.Module:
     Repeated blocks are compiled one by one rather than as a whole model: they share one compiled code (compile
     time is that of one block), which fuses what runs between the matrix products (norms, RoPE, modulation,
     gates) into a few kernels. The VAE's decoder, whose levels all differ, is compiled whole. Module names and
-    state-dict keys do not change, so loading and LoRA are unaffected. The first call of each new shape
-    compiles (seconds on a GPU, minutes on a CPU); the results equal eager mode's to rounding.
+    state-dict keys do not change, so loading and LoRA are unaffected. The first call compiles (seconds on a
+    GPU, minutes on a CPU), and so does the first with another prompt length or image size, which makes those
+    sizes dynamic: later sizes reuse the code. The results equal eager mode's to rounding.
     """
     part = getattr(model, COMPILED_PARTS[name])
     for module in part if isinstance(part, nn.ModuleList) else [part]:
@@ -198,6 +201,11 @@ class MiragePipeline:
                 raise ValueError(
                     "CUDA graphs cannot replay sequential offload's weight moves: use offload='model' (--offload model)"
                 )
+        if compile and offload == "sequential":
+            raise ValueError(
+                "compiled code cannot take in sequential offload's weight moves (each one breaks the graph): "
+                "use offload='model' (--offload model) with compile"
+            )
         self.folder, self.config, self.tokenizer = Path(folder), config, tokenizer
         self.device, self.dtype, self.offload, self.compile = device, dtype, offload, compile
         self.cuda_graph = cuda_graph
@@ -276,12 +284,14 @@ class MiragePipeline:
         return memory.on_device(self.model(name), self.device, self.offload)
 
     def free_text_encoder(self) -> None:
-        """Drop the text encoder after encoding unless it was asked to stay, or memory is ample."""
+        """Drop the text encoder after encoding unless it was asked to stay, or memory is ample (CPU memory when
+        offloading, as the models live there)."""
         keep = self.keep_text_encoder
         if keep is None:
-            keep = memory.is_ample(self.device, sum(map(self.model_bytes, COMPONENTS)))
-        if not keep:
-            self.models.pop("text_encoder", None)
+            home = torch.device("cpu") if self.offload else self.device
+            keep = memory.is_ample(home, sum(map(self.model_bytes, COMPONENTS)))
+        if not keep and self.models.pop("text_encoder", None) is not None:
+            gc.collect()  # a compiled module refers to itself (it keeps its compiled call): only a collection frees it
 
     @property
     def pixel_multiple(self) -> int:
@@ -321,8 +331,8 @@ class MiragePipeline:
             embeds, mask = self.encode_prompts(texts, skip_text_cleaning)
             self.free_text_encoder()
             if guidance:
-                negative_prompt_embeds, prompt_embeds = embeds.chunk(2)
-                negative_prompt_mask, prompt_mask = mask.chunk(2)
+                negative_prompt_embeds, prompt_embeds = embeds.chunk(2)  # [B, L, D] each
+                negative_prompt_mask, prompt_mask = mask.chunk(2)  # [B, L] each
             else:
                 prompt_embeds, prompt_mask = embeds, mask
         groups = [(prompt_embeds, prompt_mask)]
@@ -335,12 +345,14 @@ class MiragePipeline:
             elif group_mask.shape != group_embeds.shape[:2]:
                 shapes = f"{tuple(group_mask.shape)} for embeddings {tuple(group_embeds.shape)}"
                 raise ValueError(f"a text mask of shape {shapes}: a mask is [B, L] for embeddings [B, L, D]")
-            # Each image gets its own prompt's embeddings AND mask: [B, ...] -> [B * K, ...].
+            # Each image gets its own prompt's embeddings AND mask: [B, ...] -> [B * K, ...]. Given tensors may
+            # be on any device (a made-up mask on the CPU, another from encode_prompts on the GPU).
+            group_embeds, group_mask = group_embeds.to(self.device, self.dtype), group_mask.to(self.device, torch.bool)
             embeds.append(group_embeds.repeat_interleave(num_images_per_prompt, dim=0))
-            masks.append(group_mask.bool().repeat_interleave(num_images_per_prompt, dim=0))
+            masks.append(group_mask.repeat_interleave(num_images_per_prompt, dim=0))
         length = max(e.shape[1] for e in embeds)
-        embeds = torch.cat([_left_pad(e, length) for e in embeds]).to(self.device, self.dtype)  # [2N or N, L, D]
-        masks = torch.cat([_left_pad(m, length) for m in masks]).to(self.device)  # [2N or N, L]
+        embeds = torch.cat([_left_pad(e, length) for e in embeds])  # [2N or N, L, D]
+        masks = torch.cat([_left_pad(m, length) for m in masks])  # [2N or N, L]
         return embeds, masks
 
     @torch.no_grad()
@@ -384,8 +396,9 @@ class MiragePipeline:
         guidance_scale = sampling.guidance_scale if guidance_scale is None else guidance_scale
         request = (height or sampling.default_sample_size, width or sampling.default_sample_size)
         prompt, negative_prompt, batch = self._check_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, request, use_resolution_binning, steps,
-            guidance_scale, num_images_per_prompt, output_type,
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, request=request,
+            binning=use_resolution_binning, steps=steps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, output_type=output_type,
         )  # fmt: skip
         seed = _checked_seed(seed, generator)
         height, width = nearest_bin(*request, sampling.default_sample_size) if use_resolution_binning else request
@@ -419,8 +432,8 @@ class MiragePipeline:
         return to_pil(images)
 
     def initial_latents(self, n, height, width, seed=None, generator=None, latents=None) -> torch.Tensor:
-        """Gaussian noise [N, C, h, w], drawn on the CPU (in one draw for the batch, or one per seed in a list),
-        then moved to the device."""
+        """Gaussian noise [N, C, h, w], drawn on the CPU (or on a given generator's device) in one draw for the
+        batch, or one per seed in a list, then moved to the device."""
         factor = self.config.vae.spatial_compression
         shape = (n, self.config.vae.latent_channels, height // factor, width // factor)
         if latents is not None:
@@ -443,8 +456,8 @@ class MiragePipeline:
         return torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
 
     def _check_inputs(
-        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, request, binning, steps, guidance_scale,
-        num_images_per_prompt, output_type,
+        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, *, request, binning, steps,
+        guidance_scale, num_images_per_prompt, output_type,
     ):  # fmt: skip
         """Validate a request up front; -> (prompts, negative prompts, number of prompts)."""
         if (prompt is None) == (prompt_embeds is None):
@@ -469,15 +482,7 @@ class MiragePipeline:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if not 1 <= min(request) <= max(request) <= MAX_SIDE:
-            raise ValueError(f"height and width must be 1 to {MAX_SIDE} pixels, got {request[0]}x{request[1]}")
-        height, width = request
-        multiple = self.pixel_multiple
-        if not binning and (height < multiple or width < multiple or height % multiple or width % multiple):
-            raise ValueError(
-                f"height and width must be positive multiples of {multiple} (VAE factor x patch size), "
-                f"got {height}x{width}: round them, or keep resolution binning on"
-            )
+        check_size(*request, self.pixel_multiple, binning)
         return prompt, negative_prompt, batch
 
     # ---- LoRA (mirage/lora.py) ----
@@ -499,6 +504,18 @@ class MiragePipeline:
         lora.fuse_lora(self.transformer, name)
 
 
+def check_size(height: int, width: int, multiple: int, binning: bool) -> None:
+    """A ValueError for an image size no call can make; without binning the size must be a whole number of latent
+    patches (`multiple` pixels), as it is not rounded to a bin."""
+    if not 1 <= min(height, width) <= max(height, width) <= MAX_SIDE:
+        raise ValueError(f"height and width must be 1 to {MAX_SIDE} pixels, got {height}x{width}")
+    if not binning and (height % multiple or width % multiple):
+        raise ValueError(
+            f"height and width must be multiples of {multiple} (VAE factor x patch size), "
+            f"got {height}x{width}: round them, or keep resolution binning on"
+        )
+
+
 def _checked_seed(seed, generator: torch.Generator | None) -> int | list[int] | None:
     """`seed` (one, or a list of one per image) as Python ints, checked before any model runs."""
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -518,6 +535,6 @@ def _checked_seed(seed, generator: torch.Generator | None) -> int | list[int] | 
 
 
 def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad dim 1 on the left to `length` with zeros (False for masks): the tokenizer pads on the left too."""
+    """Pad dim 1 on the left to `length` with zeros (False for masks), as the tokenizer pads by default."""
     pad = length - x.shape[1]
     return x if pad == 0 else torch.cat([x.new_zeros((x.shape[0], pad, *x.shape[2:])), x], dim=1)

@@ -86,9 +86,9 @@ def denoise(
     mods = model.modulate(model_sigmas, *latents.shape[-2:])
     step = StepGraph(model, text) if cuda_graph else partial(model.forward_modulated, text=text)
     for i in tqdm(range(len(sigmas) - 1), disable=not progress):
-        v = step(torch.cat([latents, latents]) if guided else latents, mods.step(i))
+        v = step(torch.cat([latents, latents]) if guided else latents, mods.step(i))  # [2B or B, C, h, w]
         if guided:
-            v_uncond, v_cond = v.chunk(2)
+            v_uncond, v_cond = v.chunk(2)  # [B, C, h, w] each
             v = v_uncond + guidance_scale * (v_cond - v_uncond)
         if callback is not None:
             callback(i, sigmas[i], latents, v)
@@ -143,7 +143,7 @@ def record(run: Callable[[], Tensor], device: torch.device) -> tuple[Tensor, Cal
             first = run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):  # by default, one stream made on the first device ever recorded on
             out = run()
     return first, graph.replay, out
 

@@ -195,10 +195,10 @@ class DownsampleBlock(nn.Module):
             self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
+        y = self.conv(x)  # [B, C_out, h/2, w/2] strided; [B, C_out/4, h, w] before space-to-channel
         if self.pixel_unshuffle:
             y = F.pixel_unshuffle(y, 2)  # [B, C_out, h/2, w/2]
-        if self.shortcut:
+        if self.shortcut:  # [B, 4 C_in, h/2, w/2] averaged over groups of channels to [B, C_out, h/2, w/2]
             y = y + reduce(F.pixel_unshuffle(x, 2), "b (c g) h w -> b c h w", "mean", c=self.out_channels)
         return y
 
@@ -221,13 +221,13 @@ class UpsampleBlock(nn.Module):
             y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # [B, C_out, 2h, 2w]
         else:
             y = F.pixel_shuffle(self.conv(x), 2)  # [B, C_out, 2h, 2w]
-        if self.shortcut:
+        if self.shortcut:  # [B, 4 C_out, h, w] -> [B, C_out, 2h, 2w]
             y = y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
         return y
 
 
 class Encoder(nn.Module):
-    """[B, 3, H, W] -> raw latents [B, z, H/f, W/f]: stem, stages (each ending in a 2x downsample), head."""
+    """[B, 3, H, W] -> raw latents [B, z, H/f, W/f]: stem, stages (all but the last ending in a 2x downsample), head."""
 
     def __init__(self, config: DCAEConfig):
         super().__init__()
@@ -257,7 +257,7 @@ class Encoder(nn.Module):
         for stage in self.down_blocks:
             x = stage(x)  # [B, C_i+1, h/2, w/2]; the last stage keeps its width and size
         z = self.conv_out(x)  # [B, z, H/f, W/f]
-        if self.out_shortcut:
+        if self.out_shortcut:  # the last width averaged over groups of channels: [B, z, H/f, W/f]
             z = z + reduce(x, "b (c g) h w -> b c h w", "mean", c=self.latent_channels)
         return z
 
@@ -295,7 +295,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(z)  # [B, C_last, h, w]
         if self.in_shortcut:
-            x = x + z.repeat_interleave(self.in_repeats, dim=1)
+            x = x + z.repeat_interleave(self.in_repeats, dim=1)  # z's channels repeated to [B, C_last, h, w]
         for stage in reversed(self.up_blocks):
             x = stage(x)  # [B, C_i, 2h, 2w]; the last stage keeps its width and size
         return self.conv_out(self.conv_act(self.norm_out(x)))  # [B, 3, H, W]

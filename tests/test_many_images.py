@@ -98,7 +98,7 @@ def test_reading_prompts_file(prompts_file):
         ('{"negative_prompt": "blurry"}', 'no "prompt"'),
         ('{"prompt": "a cat", "steps": "four"}', "steps must be an integer"),
         ('{"prompt": "a cat", "guidance": 0.5}', "guidance must be >= 1"),
-        ('{"prompt": "a cat", "width": 16385}', "width must be 1 to 16384 pixels"),
+        ('{"prompt": "a cat", "width": 16385}', "height and width must be 1 to 16384 pixels, got 64x16385"),
         ('{"prompt": "a cat", "name": "../escape"}', "not a plain file name"),
         ('{"prompt": "a cat", "name": "lighthouse"}', "taken by line 2"),
         ('{"prompt": "   "}', "empty prompt"),
@@ -124,7 +124,7 @@ def test_malformed_prompts_file_stops_the_command_before_generation(tmp_path, mi
     assert not outdir.exists()
     # A size that the model cannot make without binning is also found before the first image, with its line.
     path.write_text('a dog\n{"prompt": "a cat", "width": 72}\n', encoding="utf-8")
-    with pytest.raises(jobs.PromptsFileError, match=f"{path}:2: 64x72 is not a multiple of 16"):
+    with pytest.raises(jobs.PromptsFileError, match=f"{path}:2: height and width must be multiples of 16 .*, got 64x72"):
         sample.main(flags(mirage_flux, path, outdir))
     assert not list(outdir.glob("*.png"))
 
@@ -211,6 +211,13 @@ def test_save_trajectory_writes_strips(mirage_flux, tmp_path):
                  "--seed", "1", "--device", "cpu", "--output", str(fox), "--save-trajectory"])  # fmt: skip
     strip = pixels(tmp_path / "fox.trajectory.png")
     assert strip.shape == (64, 128, 3) and np.array_equal(strip[:, 64:], pixels(fox))
+
+
+def test_finished_ranks_wait_for_the_others_longer_than_nccls_ten_minutes(monkeypatch):
+    joined = []
+    monkeypatch.setattr(jobs.dist, "init_process_group", lambda backend, **kwargs: joined.append((backend, kwargs)))
+    jobs.World(0, 2, 0).start(torch.device("cpu"))
+    assert joined == [("gloo", {"timeout": jobs.RANKS_WAIT})] and jobs.RANKS_WAIT.total_seconds() >= 3600
 
 
 def test_world_and_flags():

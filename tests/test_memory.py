@@ -4,12 +4,13 @@ reads hold one copy of the weights."""
 import functools
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mirage import memory
+from mirage import memory, pipeline
 from mirage.loading import CheckpointError, loaded_bytes, read_safetensors
 from mirage.pipeline import MiragePipeline
 from mirage.sampling import denoise, flow_match_sigmas
@@ -42,6 +43,46 @@ def test_the_text_encoder_stays_when_memory_is_ample(mirage_flux, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
     generate(pipe)
     assert "text_encoder" not in pipe.models
+
+
+@pytest.mark.parametrize("offload, kept", [("model", True), (None, False)])
+def test_offloaded_models_are_judged_by_cpu_memory(mirage_flux, monkeypatch, offload, kept):
+    # With offload the models live in CPU memory between calls: a small GPU is no reason to read the text
+    # encoder again at every batch. The meta device stands in for a GPU that has no room.
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", offload=offload)
+    pipe.device = torch.device("meta")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 50 if device.type == "cpu" else 0)
+    pipe.models["text_encoder"] = torch.nn.Module()
+    pipe.free_text_encoder()
+    assert ("text_encoder" in pipe.models) == kept
+
+
+def test_a_freed_compiled_text_encoder_is_gone_before_the_transformer_is_read(mirage_flux, monkeypatch):
+    # A compiled module holds its own compiled call, a reference cycle: without a collection its weights (5 GB
+    # at full size) would stay until Python's collector happened to run, the transformer loaded beside them.
+    monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend="eager"))
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", compile=True, keep_text_encoder=False)
+    weight = weakref.ref(next(pipe.text_encoder.layers[0].parameters()))  # the layers are what is compiled
+    alive, load = [], pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda *args: alive.append(weight() is not None) or load(*args))
+    generate(pipe)
+    assert alive == [False]  # one model read (the transformer), with the text encoder already gone
+
+
+def test_model_offload_takes_a_model_home_when_moving_it_fails():
+    # An out-of-memory error halfway through the move must not leave the moved half on the GPU.
+    moves = []
+
+    class Model(torch.nn.Module):
+        def to(self, device):
+            moves.append(str(device))
+            if device != "cpu":
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return self
+
+    with pytest.raises(torch.OutOfMemoryError), memory.on_device(Model(), torch.device("meta"), "model"):
+        pass
+    assert moves == ["meta", "cpu"]
 
 
 @pytest.mark.parametrize("offload", ["model", "sequential"])
@@ -116,6 +157,12 @@ def test_block_streaming_on_cuda_equals_keeping_the_models_there(mirage_flux):
 def test_unknown_offload_mode_is_refused(mirage_flux):
     with pytest.raises(ValueError, match="offload"):
         MiragePipeline.from_pretrained(mirage_flux, device="cpu", offload="disk")
+
+
+def test_compile_refuses_sequential_offload(mirage_flux):
+    # Each part's weight move is a hook that breaks the compiled graph: compiling would only cost time.
+    with pytest.raises(ValueError, match="sequential offload's weight moves .* use offload='model'"):
+        MiragePipeline.from_pretrained(mirage_flux, device="cpu", offload="sequential", compile=True)
 
 
 @pytest.mark.parametrize(

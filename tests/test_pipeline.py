@@ -186,6 +186,17 @@ def test_precomputed_embeddings_equal_the_prompt_path(ours_flux):
         ours_flux(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds, progress=False)
 
 
+def test_given_embeddings_and_masks_may_live_on_any_device(mirage_flux):
+    # A negative prompt's embeddings from encode_prompts (on the GPU) beside a prompt's made on the CPU without a
+    # mask: each is moved to the pipeline's device before they are joined. The meta device stands in for a GPU.
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
+    pipe.device = meta = torch.device("meta")
+    width = pipe.config.transformer.context_in_dim
+    prompt, negative = torch.zeros(1, 5, width), torch.zeros(1, 3, width, device=meta)
+    embeds, masks = pipe.text_conditioning(None, [""], 2, True, prompt, None, negative, torch.ones(1, 3, device=meta))
+    assert embeds.device == masks.device == meta and embeds.shape == (4, 5, width) and masks.dtype == torch.bool
+
+
 def test_the_checkpoints_num_train_timesteps_reaches_the_loop(ours_flux, monkeypatch):
     import mirage.pipeline
 

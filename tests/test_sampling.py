@@ -1,6 +1,9 @@
 """The sampler against diffusers: the FlowMatchEulerDiscreteScheduler schedule, and the PRXPipeline denoising loop
 run end to end on latents with a tiny transformer whose weights are all random."""
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
@@ -189,6 +192,29 @@ def test_step_graph_feeds_each_replay_its_own_step(guidance_scale, monkeypatch):
     assert torch.equal(out, expected)
     for (_, _, x, v), (_, _, x_graphed, v_graphed) in zip(eager, graphed, strict=True):
         assert torch.equal(x_graphed, x) and torch.equal(v_graphed, v)
+
+
+def test_a_step_graph_is_recorded_on_a_stream_of_its_own_device(monkeypatch):
+    # torch.cuda.graph's default capture stream is made once, on the first device ever recorded on: a pipeline on
+    # a second GPU must record on its own stream. torch.cuda stands in here, recording which stream was used.
+    streams, captured = [], []
+
+    class Stream:
+        def __init__(self):
+            streams.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    for name, fake in {
+        "device": lambda device: contextlib.nullcontext(), "stream": lambda stream: contextlib.nullcontext(),
+        "Stream": Stream, "current_stream": lambda: SimpleNamespace(wait_stream=lambda other: None),
+        "CUDAGraph": lambda: SimpleNamespace(replay=None),
+        "graph": lambda graph, stream=None: captured.append(stream) or contextlib.nullcontext(),
+    }.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, fake)
+    sampling.record(lambda: torch.zeros(1), torch.device("cuda", 1))
+    assert captured == streams and len(streams) == 1
 
 
 def test_step_graph_needs_cuda():
