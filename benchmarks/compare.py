@@ -28,6 +28,7 @@ outputs. The last line projects a whole generation from the components, without 
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -406,6 +407,14 @@ def machine() -> str:
     return text
 
 
+def accelerate_note() -> str:
+    """Whether diffusers had accelerate, without which it builds its models with random weights before loading."""
+    try:
+        return f"(accelerate {importlib.metadata.version('accelerate')})"
+    except importlib.metadata.PackageNotFoundError:
+        return "(no accelerate)"
+
+
 def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float]) -> str:
     import diffusers
 
@@ -413,7 +422,7 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
     memory_name = "peak RSS" if cpu else "peak GPU memory"
     lines = [
         f"Mirage vs diffusers PRXPipeline, {datetime.now():%Y-%m-%d %H:%M}",
-        f"{machine()}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
+        f"{machine()}; torch {torch.__version__}, diffusers {diffusers.__version__} {accelerate_note()}; "
         f"load average {load[0]:.1f} before, {load[1]:.1f} after",
         f"{settings['device']} {settings['dtype']}, {settings['resolution']} px, {settings['vae']} VAE, "
         f"CFG {settings['guidance']}, prompt {inputs['prompt_tokens']} tokens, negative {inputs['negative_tokens']}; "
