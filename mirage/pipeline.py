@@ -335,25 +335,26 @@ class MiragePipeline:
                 negative_prompt_mask, prompt_mask = mask.chunk(2)  # [B, L] each
             else:
                 prompt_embeds, prompt_mask = embeds, mask
-        groups = [(prompt_embeds, prompt_mask)]
-        if guidance:
-            groups.insert(0, (negative_prompt_embeds, negative_prompt_mask))
-        embeds, masks = [], []
-        for group_embeds, group_mask in groups:
-            if group_mask is None:
-                group_mask = torch.ones(group_embeds.shape[:2], dtype=torch.bool)
-            elif group_mask.shape != group_embeds.shape[:2]:
-                shapes = f"{tuple(group_mask.shape)} for embeddings {tuple(group_embeds.shape)}"
-                raise ValueError(f"a text mask of shape {shapes}: a mask is [B, L] for embeddings [B, L, D]")
-            # Each image gets its own prompt's embeddings AND mask: [B, ...] -> [B * K, ...]. Given tensors may
-            # be on any device (a made-up mask on the CPU, another from encode_prompts on the GPU).
-            group_embeds, group_mask = group_embeds.to(self.device, self.dtype), group_mask.to(self.device, torch.bool)
-            embeds.append(group_embeds.repeat_interleave(num_images_per_prompt, dim=0))
-            masks.append(group_mask.repeat_interleave(num_images_per_prompt, dim=0))
-        length = max(e.shape[1] for e in embeds)
-        embeds = torch.cat([_left_pad(e, length) for e in embeds])  # [2N or N, L, D]
-        masks = torch.cat([_left_pad(m, length) for m in masks])  # [2N or N, L]
+        groups = [(negative_prompt_embeds, negative_prompt_mask)] if guidance else []
+        groups.append((prompt_embeds, prompt_mask))
+        rows = [self._rows_per_image(embeds, mask, num_images_per_prompt) for embeds, mask in groups]
+        length = max(embeds.shape[1] for embeds, _ in rows)
+        embeds = torch.cat([_left_pad(embeds, length) for embeds, _ in rows])  # [2N or N, L, D]
+        masks = torch.cat([_left_pad(mask, length) for _, mask in rows])  # [2N or N, L]
         return embeds, masks
+
+    def _rows_per_image(self, embeds: torch.Tensor, mask: torch.Tensor | None, num_images_per_prompt: int):
+        """Embeddings [B, L, D] and mask [B, L] (None: no padding) of B prompts -> [B * K, L, D], [B * K, L] on the
+        device: each image gets its own prompt's embeddings AND mask. Given tensors may be on any device (a
+        made-up mask on the CPU, another from `encode_prompts` on the GPU)."""
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.bool)
+        elif mask.shape != embeds.shape[:2]:
+            shapes = f"{tuple(mask.shape)} for embeddings {tuple(embeds.shape)}"
+            raise ValueError(f"a text mask of shape {shapes}: a mask is [B, L] for embeddings [B, L, D]")
+        embeds, mask = embeds.to(self.device, self.dtype), mask.to(self.device, torch.bool)
+        k = num_images_per_prompt
+        return embeds.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
 
     @torch.no_grad()
     def __call__(

@@ -124,7 +124,7 @@ def test_malformed_prompts_file_stops_the_command_before_generation(tmp_path, mi
     assert not outdir.exists()
     # A size that the model cannot make without binning is also found before the first image, with its line.
     path.write_text('a dog\n{"prompt": "a cat", "width": 72}\n', encoding="utf-8")
-    with pytest.raises(jobs.PromptsFileError, match=f"{path}:2: height and width must be multiples of 16 .*, got 64x72"):
+    with pytest.raises(jobs.PromptsFileError, match=f"{path}:2: height and width must be multiples of 16 .* got 64x72"):
         sample.main(flags(mirage_flux, path, outdir))
     assert not list(outdir.glob("*.png"))
 
