@@ -145,7 +145,7 @@ def _item(settings: dict, index: int, line: int, defaults: Defaults, where: str)
     if item.steps < 1:
         raise PromptsFileError(f"{where}: steps must be at least 1, got {item.steps}")
     try:
-        check_size(item.height, item.width, multiple=1, binning=True)  # the multiple is the checkpoint's: check_sizes
+        check_size(item.height, item.width, multiple=1, binning=True)  # the range; the multiple is the checkpoint's
     except ValueError as err:
         raise PromptsFileError(f"{where}: {err}") from None
     if not (math.isfinite(item.guidance) and item.guidance >= 1):
