@@ -181,9 +181,9 @@ def main(argv=None) -> None:
 
     paths = output_paths(options.output, options.num_images, options.save_trajectory)
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
-    if options.seed is None:
-        print(f"seed {seed}")
     pipe = load_pipeline(options, weights, options.device)
+    if options.seed is None:
+        print(f"seed {seed}")  # once the pipeline is there: a refused run prints nothing but its error
     used = sampled(options, pipe.config)  # the flags', else the checkpoint's: what runs is what gets recorded
     trajectory = Trajectory() if options.save_trajectory else None
     images = pipe(
