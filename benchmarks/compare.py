@@ -1,6 +1,6 @@
 """Mirage against diffusers' PRXPipeline on the full-size model: time, peak memory and output differences.
 
-    python benchmarks/compare.py                                  # CPU bf16, 512 px, Flux VAE, 28 steps
+    python benchmarks/compare.py                                  # CPU, 512 px, Flux VAE, 28 steps
     python benchmarks/compare.py --dtype fp32 --parts text step vae   # the components only
     python benchmarks/compare.py --device cuda --resolution 1024 --vae dc-ae
 
@@ -22,7 +22,9 @@ pipelines:
   decoder); --cuda-graph replays our denoising steps as a CUDA graph (e2e only: a graph is recorded at a
   generation's first step, which runs eagerly).
 Components report the best of --repeats runs, and of --rounds worker processes per side (alternating
-sides). The table gives wall time (and, on CPU, the ratio of the processes' CPU times, steadier than wall
+sides); a component is timed alone between synchronisations, so on a GPU its time includes launching it. Every
+worker starts with empty compile caches (torch's and Triton's on-disk ones), so a cold compiled run compiles;
+the checkpoint's files are in the page cache after the first part. The table gives wall time (and, on CPU, the ratio of the processes' CPU times, steadier than wall
 time on a shared machine), ours / reference, the speedup, and the largest difference between the two
 outputs. The last line projects a whole generation from the components, without loading.
 """
@@ -35,7 +37,9 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -47,7 +51,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
 
 from mirage.pipeline import check_device  # noqa: E402
-from mirage.precision import DTYPES  # noqa: E402
+from mirage.precision import DTYPES, native_bf16  # noqa: E402
 
 PARTS = ("text", "step", "vae", "e2e")
 SIDES = ("reference", "ours")
@@ -310,6 +314,8 @@ def worker(run_dir: Path, side: str, part: str) -> None:
     with torch.no_grad():
         outputs = WORKERS[side, part](s, inputs, timer)
     result = {"wall": timer.wall, "cpu": timer.cpu, "peak_memory": peak_memory(device), "dtypes": timer.dtypes}
+    if device.type == "cuda":  # what the caching allocator held at most: the memory other processes could not have
+        result["peak_reserved"] = torch.cuda.max_memory_reserved(device)
     torch.save({k: v.float().cpu() for k, v in outputs.items()}, run_dir / f"{side}-{part}.pt")
     (run_dir / f"{side}-{part}.json").write_text(json.dumps(result))
 
@@ -350,13 +356,22 @@ def make_inputs(settings: dict, prompt_tokens: int, negative_tokens: int) -> dic
                 noise=noise.to(dtype), text=text.to(dtype), text_mask=text_mask)  # fmt: skip
 
 
+@contextmanager
+def empty_compile_caches():
+    """The environment for a worker process whose compile caches (torch's and Triton's on-disk ones) start empty
+    and are deleted afterwards: its cold compiled run compiles, whatever ran before it."""
+    with tempfile.TemporaryDirectory(prefix="mirage-bench-caches-") as caches:
+        yield {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{caches}/inductor", "TRITON_CACHE_DIR": f"{caches}/triton"}
+
+
 def run_worker(run_dir: Path, side: str, part: str, timeout: int, best: dict | None) -> dict:
     """Run one worker process; -> its result, merged with `best` (an earlier round's): the fastest times, the
     highest peak memory."""
     cmd = [sys.executable, __file__, "--worker", side, part, "--run-dir", str(run_dir)]
     print(f"  {part}: {side} ...", flush=True)
     try:
-        subprocess.run(cmd, check=True, timeout=timeout)
+        with empty_compile_caches() as env:
+            subprocess.run(cmd, check=True, timeout=timeout, env=env)
     except subprocess.CalledProcessError as err:
         raise RuntimeError(f"the {side} {part} worker failed (exit {err.returncode}; its error is above)") from None
     except subprocess.TimeoutExpired:
@@ -366,7 +381,9 @@ def run_worker(run_dir: Path, side: str, part: str, timeout: int, best: dict | N
     if best is not None:
         for clock in ("wall", "cpu"):
             result[clock] = {k: min(v, best[clock][k]) for k, v in result[clock].items()}
-        result["peak_memory"] = max(result["peak_memory"], best["peak_memory"])
+        for peak in ("peak_memory", "peak_reserved"):
+            if peak in result:
+                result[peak] = max(result[peak], best[peak])
     return result
 
 
@@ -428,8 +445,8 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
         f"CFG {settings['guidance']}, prompt {inputs['prompt_tokens']} tokens, negative {inputs['negative_tokens']}; "
         f"components: best of {settings['repeats']} runs x {settings['rounds']} rounds"
         f"{'; ours compiled' if settings.get('compile') else ''}"
-        f"{'; ours with CUDA graphs' if settings.get('cuda_graph') else ''}"
-        f"{'; offload ' + settings['offload'] + ' (both sides)' if settings.get('offload') else ''}",
+        f"{'; ours with CUDA graphs (e2e)' if settings.get('cuda_graph') else ''}"
+        f"{'; offload ' + settings['offload'] + ' (e2e, both sides)' if settings.get('offload') else ''}",
         "",
         f"{'':40}{'reference':>11}{'mirage':>10}{'ours/ref':>9}{'speedup':>9}{'CPU time' if cpu else '':>10}"
         "  max difference",
@@ -461,9 +478,11 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
             flops = step_flops(settings, inputs)
             label = f"  model TFLOP/s ({flops / 1e12:.2f} TFLOP a step)"
             lines.append(f"{label:40}{flops / ref['wall']['step'] / 1e12:11.3g}{flops / ours['wall']['step'] / 1e12:10.3g}")
-        r_mem, o_mem = ref["peak_memory"] / 1e9, ours["peak_memory"] / 1e9
-        label = f"  {memory_name}, {part} process"
-        lines.append(f"{label:40}{r_mem:9.2f}GB{o_mem:8.2f}GB{o_mem / r_mem:9.2f}")
+        for peak, name in (("peak_memory", memory_name), ("peak_reserved", "peak GPU memory reserved")):
+            if peak in ours:
+                r_mem, o_mem = ref[peak] / 1e9, ours[peak] / 1e9
+                label = f"  {name}, {part} process"
+                lines.append(f"{label:40}{r_mem:9.2f}GB{o_mem:8.2f}GB{o_mem / r_mem:9.2f}")
     requested = str(DTYPES[settings["dtype"]]).removeprefix("torch.")
     ran = {name: dtype for result in results["ours"].values() for name, dtype in result["dtypes"].items()}
     changed = ", ".join(f"{name} in {dtype}" for name, dtype in ran.items() if dtype != requested)
@@ -501,7 +520,7 @@ def step_flops(settings: dict, inputs: dict) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="model dtype (default: bf16)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="model dtype (default: bf16 where it is native, else fp32)")
     parser.add_argument("--resolution", type=int, default=512, help="square image side in pixels (default: 512)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps end to end (default: 28)")
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale, > 1 (default: 5)")
@@ -531,6 +550,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--prompt-tokens must be in [2, {limit}] and --negative-tokens in [1, {limit}]")
         if args.cuda_graph and (args.device == "cpu" or args.offload == "sequential"):
             parser.error("--cuda-graph needs --device cuda and no --offload sequential")
+        if args.compile and args.repeats < 2 and set(args.parts) - {"e2e"}:
+            parser.error("--compile needs --repeats >= 2 for text, step and vae: a compiled model's first run compiles")
+        native = native_bf16(torch.device(args.device))
+        if args.dtype == "bf16" and not native:
+            parser.error(f"--dtype bf16: this {args.device} has no native bf16, so mirage would run fp32 and diffusers "
+                         "emulated bf16 kernels (~100x slower): use --dtype fp32")  # fmt: skip
+        args.dtype = args.dtype or ("bf16" if native else "fp32")
         multiple = 16 if args.vae == "flux" else 32  # one latent patch in pixels
         if args.resolution % multiple:
             parser.error(f"--resolution must be a multiple of {multiple} with the {args.vae} VAE")
@@ -542,9 +568,6 @@ def main(argv=None) -> None:
     if args.worker is not None:
         worker(args.run_dir, *args.worker)
         return
-    if args.device == "cpu" and args.dtype == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print("warning: this CPU has no native bf16 (no AMX or AVX512-BF16): the reference will run bf16 on emulated "
-              "kernels, ~100x slower, while mirage switches to fp32. Compare with --dtype fp32 here.", flush=True)
     run_dir = args.cache / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
         prx, mirage = ensure_checkpoint(args.cache, args.vae)

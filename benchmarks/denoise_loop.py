@@ -5,7 +5,7 @@
 
 The transformer comes from the checkpoint that benchmarks/checkpoint.py builds and caches; the text side is
 random embeddings shaped like a 34-token prompt and an empty negative prompt (one token, padded). Each mode
-runs in a process of its own, so its first loop is a cold one (cuDNN plans, graph recording, compiling);
+runs in a process of its own, with empty compile caches, so its first loop is a cold one (cuDNN plans, graph recording, compiling);
 the table gives that loop, the best of the warm ones after it, and how far each mode's latents are from
 eager mode's (CUDA graphs replay eager's kernels; compiling fuses them, which rounds differently).
 """
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
-from compare import Timer  # noqa: E402
+from compare import Timer, empty_compile_caches  # noqa: E402
 
 from mirage.precision import DTYPES  # noqa: E402
 
@@ -35,10 +35,12 @@ def worker(folder: Path, mode: str, args: argparse.Namespace, out: Path) -> None
     from mirage.loading import load_model, read_config
     from mirage.sampling import denoise, flow_match_sigmas
     from mirage.pipeline import compile_model
+    from mirage.precision import run_dtype
     from mirage.transformer import MirageTransformer
 
     config = read_config(folder)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device = torch.device(args.device)
+    dtype = run_dtype(MirageTransformer, DTYPES[args.dtype], device)  # as the pipeline runs it
     model = load_model(lambda: MirageTransformer(config.transformer), folder / "transformer.safetensors", device, dtype)
     if mode.startswith("compiled"):
         compile_model(model, "transformer")
@@ -87,7 +89,9 @@ def main(argv=None) -> None:
     for mode in args.modes:
         out = folder.parent / "runs" / f"denoise-loop-{mode}.pt"
         out.parent.mkdir(exist_ok=True)
-        subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", mode, str(out)], check=True)
+        command = [sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", mode, str(out)]
+        with empty_compile_caches() as env:
+            subprocess.run(command, check=True, env=env)
         results[mode] = torch.load(out)
     report(results, args)
 

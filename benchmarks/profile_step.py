@@ -47,7 +47,9 @@ def ours(folder: Path, component: str, dtype, resolution: int, tokens: int, devi
     if component == "text":
         model = load("text_encoder", T5GemmaEncoder, config.text_encoder)
         ids = torch.randint(4, 500, (2, tokens), device=device)
-        return lambda: model(ids, torch.ones_like(ids, dtype=torch.bool))
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        mask[0, :-1] = False  # the CFG batch: an empty negative prompt (one real token), then the prompt
+        return lambda: model(ids, mask)
     if component == "step":
         model = load("transformer", MirageTransformer, config.transformer)
         dtype = model.dtype
@@ -77,8 +79,9 @@ def reference(folder: Path, component: str, dtype, resolution: int, tokens: int,
         config = T5GemmaConfig.from_pretrained(folder / "text_encoder").encoder
         model = T5GemmaEncoder.from_pretrained(folder / "text_encoder", config=config, dtype=dtype).to(device).eval()
         ids = torch.randint(4, 500, (2, 256), device=device)  # the reference pads every prompt to 256 tokens
-        mask = torch.arange(256, device=device) >= 256 - tokens
-        return lambda: model(input_ids=ids, attention_mask=mask.expand(2, -1))
+        real = torch.tensor([[1], [tokens]], device=device)  # an empty negative prompt, then the prompt
+        mask = torch.arange(256, device=device) >= 256 - real  # [2, 256], left padding
+        return lambda: model(input_ids=ids, attention_mask=mask)
     if component == "step":
         model = PRXTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype).to(device).eval()
         f = 8 if model.config.in_channels == 16 else 32

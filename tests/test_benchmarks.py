@@ -1,6 +1,7 @@
 """benchmarks/compare.py's own bad input: refused in one line before any checkpoint is built or worker started
 (the measurements themselves need the full-size model, so they are not tests)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,53 @@ def test_bad_options_are_refused_by_the_parser(args, message, capsys):
     with pytest.raises(SystemExit):
         compare.parse_args(args)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_dtype_is_one_both_sides_run_natively(native, monkeypatch, capsys):
+    # Without native bf16 mirage runs fp32 while diffusers would run emulated bf16, ~100x slower: no comparison.
+    monkeypatch.setattr(compare, "native_bf16", lambda device: native)
+    assert compare.parse_args([]).dtype == ("bf16" if native else "fp32")
+    if not native:
+        with pytest.raises(SystemExit):
+            compare.parse_args(["--dtype", "bf16"])
+        assert "this cpu has no native bf16" in capsys.readouterr().err
+
+
+def test_compiled_components_need_a_second_run(capsys):
+    assert compare.parse_args(["--compile", "--repeats", "1", "--parts", "e2e"]).compile  # e2e times cold and warm
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--compile", "--repeats", "1", "--parts", "step"])
+    assert "a compiled model's first run compiles" in capsys.readouterr().err
+
+
+def test_every_worker_starts_with_empty_compile_caches(tmp_path, monkeypatch):
+    seen = []
+
+    def run(cmd, env, **kwargs):
+        caches = [Path(env["TORCHINDUCTOR_CACHE_DIR"]), Path(env["TRITON_CACHE_DIR"])]
+        seen.append((caches, caches[0].parent.is_dir() and not any(caches[0].parent.iterdir())))
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            compare.run_worker(tmp_path, "ours", "step", 5, None)
+    (first, empty_first), (second, empty_second) = seen
+    assert empty_first and empty_second and first[0].parent != second[0].parent  # a fresh folder each time...
+    assert not first[0].parent.exists()  # ...deleted once the worker is done
+
+
+def test_the_cuda_report_gives_allocated_and_reserved_memory():
+    e2e = lambda seconds, allocated, reserved: {  # noqa: E731
+        "wall": {"e2e": seconds, "generate": seconds / 10}, "cpu": {"e2e": seconds, "generate": seconds / 10},
+        "peak_memory": allocated, "peak_reserved": reserved, "dtypes": {}, "outputs": {"images": torch.zeros(1, 3, 8, 8)},
+    }  # fmt: skip
+    settings = dict(device="cuda", dtype="bf16", resolution=512, vae="flux", guidance=5.0, steps=28, repeats=2, rounds=1)
+    results = {"reference": {"e2e": e2e(3.0, 8e9, 9e9)}, "ours": {"e2e": e2e(4.0, 6e9, 6.3e9)}}
+    table = compare.report(settings, dict(prompt_tokens=34, negative_tokens=1), results, (0.0, 0.0))
+    assert re.search(r"\n  peak GPU memory, e2e process +8.00GB +6.00GB +0.75\n", table)
+    assert re.search(r"\n  peak GPU memory reserved, e2e process +9.00GB +6.30GB +0.70$", table)
 
 
 def test_a_device_this_torch_lacks_is_refused(monkeypatch, capsys):
