@@ -19,7 +19,7 @@ pipelines:
   (CPU: peak RSS, CUDA: peak allocated). On CUDA a second, warm generation is timed too ("generate").
   --offload model|sequential offloads on both sides (diffusers' enable_*_cpu_offload, needs accelerate);
   --compile compiles ours as MiragePipeline(compile=True) does (transformer blocks, text-encoder layers, VAE
-  decoder); --cuda-graph replays our denoising steps as a CUDA graph (e2e only: a graph is recorded at a
+  decoder), --compile-reference the same parts of diffusers' models (it runs eager otherwise); --cuda-graph replays our denoising steps as a CUDA graph (e2e only: a graph is recorded at a
   generation's first step, which runs eagerly).
 Components report the best of --repeats runs, and of --rounds worker processes per side (alternating
 sides); a component is timed alone between synchronisations, so on a GPU its time includes launching it. Every
@@ -50,7 +50,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
 
-from mirage.pipeline import check_device  # noqa: E402
+from mirage.pipeline import check_device, compile_model  # noqa: E402
 from mirage.precision import DTYPES, native_bf16  # noqa: E402
 
 PARTS = ("text", "step", "vae", "e2e")
@@ -107,11 +107,18 @@ def peak_memory(device: torch.device) -> int:
 # ---- the reference (each function runs in a worker process of its own) -----------------------------------------
 
 
+def as_asked(s: dict, model, name: str):
+    """The reference's model `name`, compiled if --compile-reference asks, as `compile=True` compiles ours: the
+    attributes it compiles (repeated blocks one by one, the VAE's decoder whole) have the same names in both."""
+    return compile_model(model, name) if s.get("compile_reference") else model
+
+
 def reference_text(s: dict, inputs: dict, timer: Timer) -> dict:
     from diffusers import PRXPipeline
 
     load = lambda: PRXPipeline.from_pretrained(s["prx"], transformer=None, vae=None, torch_dtype=s["dtype"])  # noqa: E731
     pipe = timer("load", load, 1).to(s["device"])
+    as_asked(s, pipe.text_encoder, "text_encoder")
     encode = lambda: pipe.encode_prompt(inputs["prompt"], s["device"], True, inputs["negative"])  # noqa: E731
     embeds, mask, negative_embeds, negative_mask = timer("text", encode)
     return {"text": torch.cat([negative_embeds, embeds]), "text_mask": torch.cat([negative_mask, mask])}
@@ -122,7 +129,7 @@ def reference_step(s: dict, inputs: dict, timer: Timer) -> dict:
 
     folder = Path(s["prx"]) / "transformer"
     model = timer("load", lambda: PRXTransformer2DModel.from_pretrained(folder, torch_dtype=s["dtype"]), 1)
-    model = model.to(s["device"]).eval()
+    model = as_asked(s, model.to(s["device"]).eval(), "transformer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(Path(s["prx"]) / "scheduler")
     scheduler.set_timesteps(s["steps"], device=s["device"])
     t, g = scheduler.timesteps[0], s["guidance"]
@@ -145,7 +152,7 @@ def reference_vae(s: dict, inputs: dict, timer: Timer) -> dict:
 
     vae_class = AutoencoderKL if s["vae"] == "flux" else AutoencoderDC
     vae = timer("load", lambda: vae_class.from_pretrained(Path(s["prx"]) / "vae", torch_dtype=s["dtype"]), 1)
-    vae = vae.to(s["device"]).eval()
+    vae = as_asked(s, vae.to(s["device"]).eval(), "vae")
     latents = inputs["noise"].to(s["device"], s["dtype"])
     shift = getattr(vae.config, "shift_factor", None) or 0.0  # as PRXPipeline unscales them
     decode = lambda: vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]  # noqa: E731
@@ -163,6 +170,8 @@ def reference_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
             pipe.enable_sequential_cpu_offload(device=s["device"])
         else:
             pipe.to(s["device"])
+        for name in ("transformer", "text_encoder", "vae"):
+            as_asked(s, getattr(pipe, name), name)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -200,7 +209,6 @@ def build(s: dict, name: str, model_class, config, timer: "Timer"):
     from the requested one: see mirage.precision), compiled as the pipeline would with --compile (its first run
     compiles, so use --repeats >= 2)."""
     from mirage.loading import load_model
-    from mirage.pipeline import compile_model
     from mirage.precision import run_dtype
 
     path = Path(s["mirage"]) / f"{name}.safetensors"
@@ -445,6 +453,7 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
         f"CFG {settings['guidance']}, prompt {inputs['prompt_tokens']} tokens, negative {inputs['negative_tokens']}; "
         f"components: best of {settings['repeats']} runs x {settings['rounds']} rounds"
         f"{'; ours compiled' if settings.get('compile') else ''}"
+        f"{'; diffusers compiled' if settings.get('compile_reference') else ''}"
         f"{'; ours with CUDA graphs (e2e)' if settings.get('cuda_graph') else ''}"
         f"{'; offload ' + settings['offload'] + ' (e2e, both sides)' if settings.get('offload') else ''}",
         "",
@@ -531,6 +540,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="runs per component, the fastest reported (default: 2)")
     parser.add_argument("--rounds", type=int, default=1, help="worker processes per side and part (default: 1)")
     parser.add_argument("--compile", action="store_true", help="ours: compile as MiragePipeline(compile=True)")
+    parser.add_argument("--compile-reference", action="store_true", help="diffusers: compile the same parts as --compile")
     parser.add_argument("--cuda-graph", action="store_true", help="ours, e2e: replay the steps as a CUDA graph")
     parser.add_argument("--offload", choices=("model", "sequential"), help="e2e: both sides offload models (CUDA)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache ({DEFAULT_CACHE})")
@@ -550,7 +560,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--prompt-tokens must be in [2, {limit}] and --negative-tokens in [1, {limit}]")
         if args.cuda_graph and (args.device == "cpu" or args.offload == "sequential"):
             parser.error("--cuda-graph needs --device cuda and no --offload sequential")
-        if args.compile and args.repeats < 2 and set(args.parts) - {"e2e"}:
+        if (args.compile or args.compile_reference) and args.offload == "sequential":
+            parser.error("compiling does not combine with --offload sequential (each streamed part breaks the graph)")
+        if (args.compile or args.compile_reference) and args.repeats < 2 and set(args.parts) - {"e2e"}:
             parser.error("--compile needs --repeats >= 2 for text, step and vae: a compiled model's first run compiles")
         native = native_bf16(torch.device(args.device))
         if args.dtype == "bf16" and not native:
@@ -577,7 +589,7 @@ def main(argv=None) -> None:
     settings = dict(
         prx=str(prx), mirage=str(mirage), device=args.device, dtype=args.dtype, resolution=args.resolution,
         steps=args.steps, guidance=args.guidance, vae=args.vae, repeats=args.repeats, rounds=args.rounds,
-        compile=args.compile, cuda_graph=args.cuda_graph, offload=args.offload,
+        compile=args.compile, compile_reference=args.compile_reference, cuda_graph=args.cuda_graph, offload=args.offload,
     )  # fmt: skip
     (run_dir / "settings.json").write_text(json.dumps(settings, indent=2))
     inputs = make_inputs(settings, args.prompt_tokens, args.negative_tokens)

@@ -21,6 +21,7 @@ import compare  # noqa: E402
         (["--steps", "0"], "--steps, --repeats, --rounds >= 1"),
         (["--resolution", "100"], "--resolution must be a multiple of 16"),
         (["--cuda-graph"], "--cuda-graph needs --device cuda"),
+        (["--compile-reference", "--offload", "sequential"], "compiling does not combine with --offload sequential"),
     ],
 )
 def test_bad_options_are_refused_by_the_parser(args, message, capsys):
@@ -62,6 +63,19 @@ def test_every_worker_starts_with_empty_compile_caches(tmp_path, monkeypatch):
     (first, empty_first), (second, empty_second) = seen
     assert empty_first and empty_second and first[0].parent != second[0].parent  # a fresh folder each time...
     assert not first[0].parent.exists()  # ...deleted once the worker is done
+
+
+def test_compile_reference_compiles_what_compile_compiles_in_ours(tmp_path, monkeypatch):
+    from tiny_checkpoint import tiny_prx_pipeline
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module: setattr(module, "compiled", True))
+    pipe = tiny_prx_pipeline(tmp_path)
+    parts = {"transformer": pipe.transformer.blocks, "text_encoder": pipe.text_encoder.layers, "vae": [pipe.vae.decoder]}
+    for name, modules in parts.items():
+        assert compare.as_asked({}, getattr(pipe, name), name) is getattr(pipe, name)
+        assert not any(getattr(module, "compiled", False) for module in modules)
+        compare.as_asked({"compile_reference": True}, getattr(pipe, name), name)
+        assert all(module.compiled for module in modules) and len(modules) > 0
 
 
 def test_the_cuda_report_gives_allocated_and_reserved_memory():
