@@ -84,7 +84,8 @@ def denoise(
     model_sigmas = (sigmas[:-1] * num_train_timesteps / num_train_timesteps).to(latents.device)
     # The adaLN vectors depend only on sigma: compute every step's at once, one row broadcast over the batch.
     mods = model.modulate(model_sigmas, *latents.shape[-2:])
-    step = StepGraph(model, text) if cuda_graph else partial(model.forward_modulated, text=text)
+    replays = cuda_graph and len(sigmas) > 2  # a single step would record a graph and never replay it
+    step = StepGraph(model, text) if replays else partial(model.forward_modulated, text=text)
     for i in tqdm(range(len(sigmas) - 1), disable=not progress):
         v = step(torch.cat([latents, latents]) if guided else latents, mods.step(i))  # [2B or B, C, h, w]
         if guided:

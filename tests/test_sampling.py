@@ -217,6 +217,15 @@ def test_a_step_graph_is_recorded_on_a_stream_of_its_own_device(monkeypatch):
     assert captured == streams and len(streams) == 1
 
 
+def test_a_single_step_records_no_graph(monkeypatch):
+    ours, _ = make_pair(FLUX_TINY, seed=27)
+    embeds, masks = text_inputs(FLUX_TINY, batch=1, seed=28)
+    monkeypatch.setattr(sampling, "record", lambda *args: pytest.fail("recorded a graph it would never replay"))
+    latents = torch.randn(1, 16, 4, 4)
+    graphed = ours_loop(ours, latents, embeds, masks, 1, 3.0, cuda_graph=True)
+    assert torch.equal(graphed, ours_loop(ours, latents, embeds, masks, 1, 3.0))
+
+
 def test_step_graph_needs_cuda():
     ours, _ = make_pair(FLUX_TINY)
     embeds, masks = text_inputs(FLUX_TINY, batch=1, seed=23)
