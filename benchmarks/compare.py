@@ -16,17 +16,20 @@ pipelines:
 - vae: one decode of the same latents, only the VAE loaded;
 - e2e: loading each pipeline from its folder and one generation of --steps steps through its public
   call, timed together (mirage reads each model on first use); its peak memory is what a user sees
-  (CPU: peak RSS, CUDA: peak allocated). On CUDA a second, warm generation is timed too ("generate").
+  (CPU: peak RSS, CUDA: peak allocated, and reserved). On CUDA a second, warm generation is timed too
+  ("generate").
   --offload model|sequential offloads on both sides (diffusers' enable_*_cpu_offload, needs accelerate);
   --compile compiles ours as MiragePipeline(compile=True) does (transformer blocks, text-encoder layers, VAE
-  decoder), --compile-reference the same parts of diffusers' models (it runs eager otherwise); --cuda-graph replays our denoising steps as a CUDA graph (e2e only: a graph is recorded at a
-  generation's first step, which runs eagerly).
+  decoder), --compile-reference the same parts of diffusers' models (it runs eager otherwise); --cuda-graph
+  replays our denoising steps as a CUDA graph (e2e only: a graph is recorded at a generation's first step,
+  which runs eagerly).
 Components report the best of --repeats runs, and of --rounds worker processes per side (alternating
-sides); a component is timed alone between synchronisations, so on a GPU its time includes launching it. Every
-worker starts with empty compile caches (torch's and Triton's on-disk ones), so a cold compiled run compiles;
-the checkpoint's files are in the page cache after the first part. The table gives wall time (and, on CPU, the ratio of the processes' CPU times, steadier than wall
-time on a shared machine), ours / reference, the speedup, and the largest difference between the two
-outputs. The last line projects a whole generation from the components, without loading.
+sides); a component is timed alone between synchronisations, so on a GPU its time includes launching it.
+Every worker starts with empty compile caches (torch's and Triton's on-disk ones), so a cold compiled run
+compiles; the checkpoint's files are in the page cache after the first part. The table gives wall time (and,
+on CPU, the ratio of the processes' CPU times, steadier than wall time on a shared machine), ours /
+reference, the speedup, and the largest difference between the two outputs. The last line projects a whole
+generation from the components, without loading.
 """
 
 import argparse
