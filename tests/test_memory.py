@@ -57,10 +57,15 @@ def test_offloaded_models_are_judged_by_cpu_memory(mirage_flux, monkeypatch, off
     assert ("text_encoder" in pipe.models) == kept
 
 
-def test_a_freed_compiled_text_encoder_is_gone_before_the_transformer_is_read(mirage_flux, monkeypatch):
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """`Module.compile` traces and guards as usual but generates no code: what these tests check is the former."""
+    monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend="eager"))
+
+
+def test_a_freed_compiled_text_encoder_is_gone_before_the_transformer_is_read(mirage_flux, monkeypatch, eager_compile):
     # A compiled module holds its own compiled call, a reference cycle: without a collection its weights (5 GB
     # at full size) would stay until Python's collector happened to run, the transformer loaded beside them.
-    monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend="eager"))
     pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", compile=True, keep_text_encoder=False)
     weight = weakref.ref(next(pipe.text_encoder.layers[0].parameters()))  # the layers are what is compiled
     alive, load = [], pipeline.load_model
@@ -196,11 +201,9 @@ NEW_SHAPES = {
 
 
 @pytest.mark.parametrize("changing", NEW_SHAPES)
-def test_new_shapes_compile_no_more_after_the_second(mirage_flux, monkeypatch, changing):
+def test_new_shapes_compile_no_more_after_the_second(mirage_flux, eager_compile, changing):
     # torch.compile specialises on the first shapes it sees and makes those that changed dynamic at the next
     # compile: a third prompt length or image size must reuse that code, not compile again (seconds to minutes).
-    eager_backend = functools.partialmethod(torch.nn.Module.compile, backend="eager")  # tracing and guards matter here
-    monkeypatch.setattr(torch.nn.Module, "compile", eager_backend)
     pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", compile=True, keep_text_encoder=True)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -209,6 +212,7 @@ def test_new_shapes_compile_no_more_after_the_second(mirage_flux, monkeypatch, c
         generate(pipe, output_type="pt", **call)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[2] == graphs[3], graphs
+
 
 COLD_EAGER_SCRIPT = """
 import sys
