@@ -193,7 +193,10 @@ def test_given_embeddings_and_masks_may_live_on_any_device(mirage_flux):
     pipe.device = meta = torch.device("meta")
     width = pipe.config.transformer.context_in_dim
     prompt, negative = torch.zeros(1, 5, width), torch.zeros(1, 3, width, device=meta)
-    embeds, masks = pipe.text_conditioning(None, [""], 2, True, prompt, None, negative, torch.ones(1, 3, device=meta))
+    embeds, masks = pipe.text_conditioning(
+        None, [""], num_images_per_prompt=2, guidance=True, prompt_embeds=prompt, negative_prompt_embeds=negative,
+        negative_prompt_mask=torch.ones(1, 3, device=meta),
+    )  # fmt: skip
     assert embeds.device == masks.device == meta and embeds.shape == (4, 5, width) and masks.dtype == torch.bool
 
 
