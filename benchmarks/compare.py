@@ -532,7 +532,7 @@ def step_flops(settings: dict, inputs: dict) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="model dtype (default: bf16 where it is native, else fp32)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 where it is native, else fp32")
     parser.add_argument("--resolution", type=int, default=512, help="square image side in pixels (default: 512)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps end to end (default: 28)")
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale, > 1 (default: 5)")
@@ -543,7 +543,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="runs per component, the fastest reported (default: 2)")
     parser.add_argument("--rounds", type=int, default=1, help="worker processes per side and part (default: 1)")
     parser.add_argument("--compile", action="store_true", help="ours: compile as MiragePipeline(compile=True)")
-    parser.add_argument("--compile-reference", action="store_true", help="diffusers: compile the same parts as --compile")
+    parser.add_argument("--compile-reference", action="store_true", help="diffusers: compile what --compile does")
     parser.add_argument("--cuda-graph", action="store_true", help="ours, e2e: replay the steps as a CUDA graph")
     parser.add_argument("--offload", choices=("model", "sequential"), help="e2e: both sides offload models (CUDA)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache ({DEFAULT_CACHE})")
@@ -592,7 +592,8 @@ def main(argv=None) -> None:
     settings = dict(
         prx=str(prx), mirage=str(mirage), device=args.device, dtype=args.dtype, resolution=args.resolution,
         steps=args.steps, guidance=args.guidance, vae=args.vae, repeats=args.repeats, rounds=args.rounds,
-        compile=args.compile, compile_reference=args.compile_reference, cuda_graph=args.cuda_graph, offload=args.offload,
+        compile=args.compile, compile_reference=args.compile_reference, cuda_graph=args.cuda_graph,
+        offload=args.offload,
     )  # fmt: skip
     (run_dir / "settings.json").write_text(json.dumps(settings, indent=2))
     inputs = make_inputs(settings, args.prompt_tokens, args.negative_tokens)

@@ -5,9 +5,10 @@
 
 The transformer comes from the checkpoint that benchmarks/checkpoint.py builds and caches; the text side is
 random embeddings shaped like a 34-token prompt and an empty negative prompt (one token, padded). Each mode
-runs in a process of its own, with empty compile caches, so its first loop is a cold one (cuDNN plans, graph recording, compiling);
-the table gives that loop, the best of the warm ones after it, and how far each mode's latents are from
-eager mode's (CUDA graphs replay eager's kernels; compiling fuses them, which rounds differently).
+runs in a process of its own, with empty compile caches, so its first loop is a cold one (cuDNN plans, graph
+recording, compiling); the table gives that loop, the best of the warm ones after it, and how far each mode's
+latents are from eager mode's (CUDA graphs replay eager's kernels; compiling fuses them, which rounds
+differently).
 """
 
 import argparse

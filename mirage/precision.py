@@ -42,7 +42,7 @@ def _log_once(message: str) -> None:
 def native_bf16(device: torch.device) -> bool:
     """Whether bfloat16 matrix products and convolutions run on fast native kernels on this device."""
     if device.type == "cpu":
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 kernels: AVX-512 and later (AMX, AVX512-BF16)
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 kernels: AVX-512 CPUs on
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and later
     return device.type == "mps"
