@@ -181,10 +181,11 @@ def main(argv=None) -> None:
 
     paths = output_paths(options.output, options.num_images, options.save_trajectory)
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
-    pipe = load_pipeline(options, weights, options.device)
+    pipe = open_pipeline(options, weights, options.device)
+    used = sampled(options, pipe.config)  # the flags', else the checkpoint's: what runs is what gets recorded
+    add_loras(pipe, options)
     if options.seed is None:
         print(f"seed {seed}")  # once the pipeline is there: a refused run prints nothing but its error
-    used = sampled(options, pipe.config)  # the flags', else the checkpoint's: what runs is what gets recorded
     trajectory = Trajectory() if options.save_trajectory else None
     images = pipe(
         options.prompt,
@@ -211,24 +212,28 @@ def make_many(options: Options, weights: Path, started: float) -> None:
     from mirage import jobs
     from mirage.loading import read_config
 
+    config = read_config(weights)
     seed = 0 if options.seed is None else options.seed
-    defaults = jobs.Defaults(negative_prompt=options.negative_prompt, seed=seed, **sampled(options, read_config(weights)))
+    defaults = jobs.Defaults(negative_prompt=options.negative_prompt, seed=seed, **sampled(options, config))
     items = jobs.read_prompts(options.prompts_file, defaults)  # a bad line stops us before any weight is read
+    if options.no_binning:  # the flags' size is checked: a size that is not a multiple is the line's own
+        jobs.check_sizes(items, config.pixel_multiple, options.prompts_file)
     outdir = options.outdir or Path("outputs") / options.prompts_file.stem
     check_writable(outdir, "--outdir")
     world = jobs.World.from_env()
     device = world.device(options.device)
     world.start(device)
     try:
+        pipe = open_pipeline(options, weights, device)
+        run = run_settings(options, weights, pipe)
+        settings = {key: run[key] for key in ("weights", "dtype", "no_binning", "lora")}
+        jobs.check_outdir(items, outdir, settings)  # images there were made with these settings: resuming is safe
         todo = jobs.pending(items, outdir, options.save_trajectory)
         world.barrier(device)  # every rank has listed what is left before any rank writes
         if world.rank == 0:
             print(f"{len(todo)} of {len(items)} images to make in {outdir}, {world.size} process(es)")
-        pipe = load_pipeline(options, weights, device)
-        if options.no_binning:
-            jobs.check_sizes(items, pipe.pixel_multiple, options.prompts_file)
-        run = run_settings(options, weights, pipe)
-        settings = {key: run[key] for key in ("weights", "dtype", "no_binning", "lora")} | {"rank": world.rank}
+        add_loras(pipe, options)
+        settings |= {"rank": world.rank}
         written = jobs.generate(
             pipe,
             todo[world.rank :: world.size],
@@ -251,18 +256,25 @@ def make_many(options: Options, weights: Path, started: float) -> None:
 
 def sampled(options: Options, config) -> dict:
     """Steps, guidance and size: the flags', else the checkpoint's (flags are checked positive, so `or` only
-    replaces an unset one)."""
+    replaces an unset one); the size is checked against the checkpoint now, before any weight is read."""
+    from mirage.pipeline import check_size
+
     sampling = config.sampling
+    height, width = options.height or sampling.default_sample_size, options.width or sampling.default_sample_size
+    try:
+        check_size(height, width, config.pixel_multiple, binning=not options.no_binning)
+    except ValueError as err:
+        raise ValueError(f"--height/--width: {err}") from None
     return {
         "steps": options.steps or sampling.num_inference_steps,
         "guidance": options.guidance or sampling.guidance_scale,
-        "height": options.height or sampling.default_sample_size,
-        "width": options.width or sampling.default_sample_size,
+        "height": height,
+        "width": width,
     }
 
 
-def load_pipeline(options: Options, weights: Path, device):
-    """The checkpoint on `device` in --dtype, with every --lora applied."""
+def open_pipeline(options: Options, weights: Path, device):
+    """The checkpoint opened for `device` in --dtype (each model is read when first used)."""
     from mirage.pipeline import MiragePipeline
     from mirage.precision import DTYPES
 
@@ -270,13 +282,16 @@ def load_pipeline(options: Options, weights: Path, device):
     # --prompt encodes once: free the text encoder before the transformer is read. A prompts file encodes at every
     # batch: keep it where memory is ample (the pipeline's default), rather than read it again each time.
     keep_text_encoder = False if options.prompts_file is None else None
-    pipe = MiragePipeline.from_pretrained(
+    return MiragePipeline.from_pretrained(
         weights, device=device, dtype=dtype, offload=options.offload, keep_text_encoder=keep_text_encoder,
         compile=options.compile, cuda_graph=options.cuda_graph,
     )  # fmt: skip
+
+
+def add_loras(pipe, options: Options) -> None:
+    """Every --lora, unfused (this reads the transformer)."""
     for lora_path, scale in map(lora_spec, options.lora or []):
         pipe.load_lora(lora_path, scale, name=str(lora_path))
-    return pipe
 
 
 def run_settings(options: Options, weights: Path, pipe) -> dict:

@@ -532,6 +532,11 @@ class MirageConfig:
                 f"encoder makes {self.text_encoder.hidden_size}: these weights do not belong together"
             )
 
+    @property
+    def pixel_multiple(self) -> int:
+        """Image heights and widths the model makes are multiples of this: one latent patch in pixels."""
+        return self.vae.spatial_compression * self.transformer.patch_size
+
     def to_dict(self) -> dict:
         return asdict(self)
 

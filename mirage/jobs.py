@@ -7,9 +7,10 @@ A prompts file holds one item per non-blank line: a plain prompt, or a JSON obje
 with "prompt" and any of "negative_prompt", "seed", "height", "width", "steps", "guidance", "name". Items
 are numbered from 0 in file order (blank lines do not count); item i gets seed `--seed + i` unless it names
 one, and is written to `{i:05d}-{slug of the prompt}.png`, or `{name}.png`. That file name is the item's
-identity: a re-run skips the items whose files exist, so a crashed or pre-empted run goes on where it stopped
-(change --outdir when you change settings). Every image draws its noise from its own seed, so it does not
-depend on the batch size, the rank or the number of processes.
+identity: a re-run skips the items whose files exist, so a crashed or pre-empted run goes on where it stopped.
+A file made with other settings (another seed, size, checkpoint, ...) is not skipped silently: the run stops
+before it starts, naming the file and what changed. Every image draws its noise from its own seed, so it does
+not depend on the batch size, the rank or the number of processes.
 
 Processes: torchrun's RANK / WORLD_SIZE / LOCAL_RANK decide (one process without them). Every rank lists
 the items still to do, and after a barrier rank r takes the r-th, (r + N)-th, ... of them, on cuda:LOCAL_RANK
@@ -94,6 +95,8 @@ def read_prompts(path: str | Path, defaults: Defaults) -> list[Item]:
     """Every item of a prompts file, all checked before any is made; the first bad line raises a
     PromptsFileError that names it."""
     path = Path(path)
+    if not path.is_file():
+        raise PromptsFileError(f"{path} is not a file: give a text file of prompts, one per line (or JSON Lines)")
     items, line_of_name = [], {}
     try:
         with path.open(encoding="utf-8-sig") as lines:  # -sig: a byte-order mark is not part of the first prompt
@@ -115,12 +118,17 @@ def read_prompts(path: str | Path, defaults: Defaults) -> list[Item]:
 
 def _settings(text: str, where: str) -> dict:
     """A line's own settings: {"prompt": line} for plain text, the checked object for a JSON line."""
+    if text.lstrip().startswith("["):
+        raise PromptsFileError(f"{where}: a JSON array: write one JSON object per line (JSON Lines) instead")
     if not text.lstrip().startswith("{"):
         return {"prompt": text.strip()}
     try:
         settings = json.loads(text)
     except json.JSONDecodeError as err:
-        raise PromptsFileError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
+        raise PromptsFileError(
+            f'{where}: bad JSON: {err.msg} (column {err.colno}); a plain prompt starting with "{{" must be written '
+            f'{{"prompt": ...}}'
+        ) from None
     unknown = [key for key in settings if key not in ITEM_KEYS]
     if unknown:
         raise PromptsFileError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(ITEM_KEYS)})")
@@ -140,6 +148,11 @@ def _item(settings: dict, index: int, line: int, defaults: Defaults, where: str)
     item = Item(index=index, line=line, **{**settings, "guidance": float(settings["guidance"])})
     if not item.prompt.strip():
         raise PromptsFileError(f"{where}: empty prompt")
+    for key in ("prompt", "negative_prompt", "name"):
+        try:
+            getattr(item, key).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, which a JSON \u escape can make and no file can store
+            raise PromptsFileError(f"{where}: {key} holds a lone UTF-16 surrogate: check its \\u escapes") from None
     if not 0 <= item.seed < SEED_RANGE:
         raise PromptsFileError(f"{where}: seed must be in [0, 2**64), got {item.seed}")
     if item.steps < 1:
@@ -150,9 +163,9 @@ def _item(settings: dict, index: int, line: int, defaults: Defaults, where: str)
         raise PromptsFileError(f"{where}: {err}") from None
     if not (math.isfinite(item.guidance) and item.guidance >= 1):
         raise PromptsFileError(f"{where}: guidance must be >= 1 (1 turns it off), got {item.guidance}")
-    if not re.fullmatch(r"\w[\w.-]{0,199}", item.name):
+    if not (re.fullmatch(r"\w[\w.-]*", item.name) and len(item.name.encode()) <= 200):  # file names: 255 bytes
         raise PromptsFileError(
-            f"{where}: name {item.name!r} is not a plain file name (letters, digits, _ . -; at most 200)"
+            f"{where}: name {item.name!r} is not a plain file name (letters, digits, _ . -; at most 200 bytes)"
         )
     return item
 
@@ -184,6 +197,50 @@ def item_paths(item: Item, outdir: Path, trajectory: bool) -> list[Path]:
 def pending(items: list[Item], outdir: Path, trajectory: bool = False) -> list[Item]:
     """The items whose outputs are not all on disk."""
     return [item for item in items if not all(p.exists() for p in item_paths(item, outdir, trajectory))]
+
+
+# What makes an image besides the model's weights: a re-run keeps a file on disk only if these are unchanged.
+MADE_WITH = ("prompt", "negative_prompt", "seed", "height", "width", "steps", "guidance",
+             "weights", "dtype", "no_binning", "lora")  # fmt: skip
+
+
+def check_outdir(items: list[Item], outdir: Path, settings: dict) -> None:
+    """Before a run writes in `outdir`: a ValueError if a manifest there is not mirage's, or if an item's image is
+    there but was made with other settings (the item's own, or the run's `settings`: weights, dtype, ...), as a
+    resumed run would keep that image as its own."""
+    for manifest in (outdir / MANIFEST, *sorted(outdir.glob("manifest.rank*.jsonl"))):
+        for number, record in _records(manifest):
+            fields = (("file", str), ("index", int), ("time", str))
+            if not (isinstance(record, dict) and all(isinstance(record.get(key), kind) for key, kind in fields)):
+                raise ValueError(f"{manifest}:{number} is not a record mirage wrote: use another --outdir")
+    for item in items:
+        path = outdir / item.file
+        if not path.is_file():
+            continue
+        made = _made_with(path)
+        if made is None:
+            raise ValueError(f"{path} was not made by mirage (no settings in it): use another --outdir")
+        asked = json.loads(json.dumps({**asdict(item), **settings}, default=str))  # as a record stores them
+        changed = [key for key in MADE_WITH if made.get(key) != asked.get(key)]
+        if changed:
+            raise ValueError(
+                f"{path} was made with {_listed(made, changed)}; this run asks {_listed(asked, changed)}: "
+                "use another --outdir, or delete the file"
+            )
+
+
+def _made_with(path: Path) -> dict | None:
+    """The settings a PNG of ours records (see `save_png`), or None for any other file."""
+    try:
+        with Image.open(path) as image:
+            return json.loads(getattr(image, "text", {})["mirage"])
+    except (OSError, SyntaxError, KeyError, ValueError):  # not an image, a broken PNG, no or bad settings
+        return None
+
+
+def _listed(values: dict, keys: list[str]) -> str:
+    shown = {key: json.dumps(values.get(key), ensure_ascii=False) for key in keys}
+    return ", ".join(f"{key} {text if len(text) <= 60 else text[:57] + '...'}" for key, text in shown.items())
 
 
 def batches(items: list[Item], size: int) -> list[list[Item]]:
@@ -295,17 +352,39 @@ def append_record(path: Path, record: dict) -> None:
 
 def write_item(outdir: Path, item: Item, image, strip, record: dict, manifest: Path) -> None:
     """Write an item's image (and strip), so that a file in place always has its manifest record: each picture
-    goes to a .partial file, the record is appended, and only then are the pictures renamed into place."""
+    goes to a .partial file, the record is appended, and only then are the pictures renamed into place, the strip
+    first (an image in place means its strip is too). An error leaves no .partial file behind."""
     pictures = dict(zip(item_paths(item, outdir, strip is not None), (image, strip)))
-    for path, picture in pictures.items():
-        save_png(picture, _partial(path), record)
-    append_record(manifest, record)
-    for path in pictures:
-        os.replace(_partial(path), path)
+    try:
+        for path, picture in pictures.items():
+            save_png(picture, _partial(path), record)
+        append_record(manifest, record)
+        for path in reversed(pictures):
+            os.replace(_partial(path), path)
+    finally:
+        for path in pictures:
+            _partial(path).unlink(missing_ok=True)
 
 
 def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+def _records(manifest: Path):
+    """(line number, record) for each whole line of a manifest, if there is one; a line cut short by a crash
+    (before its image was renamed into place, so that item is redone) is skipped."""
+    if not manifest.is_file():
+        return
+    try:
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{manifest} is not a manifest mirage wrote (not UTF-8): use another --outdir") from None
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        yield number, record
 
 
 def merge_manifests(outdir: Path) -> int:
@@ -314,13 +393,7 @@ def merge_manifests(outdir: Path) -> int:
     sources = [outdir / MANIFEST, *sorted(outdir.glob("manifest.rank*.jsonl"))]
     newest: dict[str, dict] = {}
     for source in sources:
-        if not source.exists():
-            continue
-        for line in source.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # cut short by a crash before its image was renamed into place: that item is redone
+        for _, record in _records(source):
             if record["file"] not in newest or record["time"] >= newest[record["file"]]["time"]:
                 newest[record["file"]] = record
     records = sorted((r for r in newest.values() if (outdir / r["file"]).exists()), key=lambda r: r["index"])

@@ -293,11 +293,6 @@ class MiragePipeline:
         if not keep and self.models.pop("text_encoder", None) is not None:
             gc.collect()  # a compiled module refers to itself (it keeps its compiled call): only a collection frees it
 
-    @property
-    def pixel_multiple(self) -> int:
-        """Height and width must be multiples of this: one latent patch in pixels."""
-        return self.config.vae.spatial_compression * self.config.transformer.patch_size
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], skip_text_cleaning: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Clean, tokenise and encode prompts in one batch: -> embeddings [B, L, D], mask [B, L] (bool).
@@ -483,7 +478,7 @@ class MiragePipeline:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        check_size(*request, self.pixel_multiple, binning)
+        check_size(*request, self.config.pixel_multiple, binning)
         return prompt, negative_prompt, batch
 
     # ---- LoRA (mirage/lora.py) ----

@@ -102,6 +102,10 @@ def test_reading_prompts_file(prompts_file):
         ('{"prompt": "a cat", "name": "../escape"}', "not a plain file name"),
         ('{"prompt": "a cat", "name": "lighthouse"}', "taken by line 2"),
         ('{"prompt": "   "}', "empty prompt"),
+        ('{"prompt": "a dog \\ud83d"}', "prompt holds a lone UTF-16 surrogate"),  # no PNG text could hold it
+        ('{"prompt": "a cat", "name": "%s"}' % ("東" * 100), "at most 200 bytes"),  # 300 bytes: too long a file name
+        ('[{"prompt": "a cat"}]', "a JSON array: write one JSON object per line"),
+        ('{a cat}', 'a plain prompt starting with "{" must be written {"prompt": ...}'),
     ],
 )
 def test_malformed_prompts_file_names_the_line(tmp_path, line, message):
@@ -127,6 +131,62 @@ def test_malformed_prompts_file_stops_the_command_before_generation(tmp_path, mi
     with pytest.raises(jobs.PromptsFileError, match=f"{path}:2: height and width must be multiples of 16 .* got 64x72"):
         sample.main(flags(mirage_flux, path, outdir))
     assert not list(outdir.glob("*.png"))
+
+
+def test_sizes_from_the_command_line_are_not_blamed_on_the_prompts_file(tmp_path, mirage_flux):
+    path = tmp_path / "p.txt"
+    path.write_text("a dog\n", encoding="utf-8")
+    for size, message in (("20000", "1 to 16384 pixels, got 20000x64"), ("72", "multiples of 16 .* got 72x64")):
+        with pytest.raises(ValueError, match=f"^--height/--width: height and width must be {message}"):
+            sample.main(flags(mirage_flux, path, tmp_path / "out", "--height", size))
+    with pytest.raises(jobs.PromptsFileError, match=f"^{tmp_path / 'nope.txt'} is not a file"):
+        sample.main(flags(mirage_flux, tmp_path / "nope.txt", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused_before_it_starts(tmp_path, mirage_flux):
+    """Resuming keeps the images on disk: they must have been made with the settings of this run."""
+    path, outdir = tmp_path / "p.jsonl", tmp_path / "out"
+    path.write_text('a dog\n{"prompt": "a cat", "name": "hero"}\n', encoding="utf-8")
+    run = flags(mirage_flux, path, outdir, "--steps", "1")
+    sample.main(run)
+    before = {p.name: stamp(p) for p in outdir.iterdir()}
+    with pytest.raises(ValueError, match=rf"^{outdir / '00000-a-dog.png'} was made with seed 10; this run asks "
+                                         r"seed 11: use another --outdir, or delete the file$"):  # fmt: skip
+        sample.main([*run, "--seed", "11"])
+    path.write_text('a dog\n{"prompt": "a black cat", "name": "hero"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match='hero.png was made with prompt "a cat"; this run asks prompt "a black cat"'):
+        sample.main(run)
+    path.write_text('a dog\n{"prompt": "a cat", "name": "hero"}\n', encoding="utf-8")
+    Image.new("RGB", (8, 8)).save(outdir / "hero.png")  # a picture that is not ours, under an item's name
+    with pytest.raises(ValueError, match="hero.png was not made by mirage"):
+        sample.main(run)
+    (outdir / "hero.png").unlink()
+    (outdir / jobs.MANIFEST).write_text('{"image": "a.png", "caption": "a cat"}\n')  # a data set's own manifest
+    with pytest.raises(ValueError, match=f"^{outdir / jobs.MANIFEST}:1 is not a record mirage wrote"):
+        sample.main(run)
+    assert {p.name: stamp(p) for p in outdir.iterdir() if p.name != jobs.MANIFEST} == {
+        name: when for name, when in before.items() if name not in (jobs.MANIFEST, "hero.png")
+    }  # nothing written by the refused runs
+
+
+def test_write_item_renames_the_strip_first_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    (tmp_path / jobs.TRAJECTORIES).mkdir()
+    item = jobs.read_prompts(tmp_path / "p.txt", DEFAULTS)[0]
+    picture, record, renamed, replace = Image.new("RGB", (8, 8)), {"prompt": "a cat", "file": item.file}, [], os.replace
+    monkeypatch.setattr(jobs.os, "replace", lambda src, dst: renamed.append(dst.relative_to(tmp_path)) or replace(src, dst))
+    jobs.write_item(tmp_path, item, picture, picture, record, tmp_path / jobs.MANIFEST)
+    assert renamed == [Path(jobs.TRAJECTORIES, item.file), Path(item.file)]  # an image in place has its strip
+    (tmp_path / item.file).unlink()
+
+    def disk_full(path, record):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(jobs, "append_record", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        jobs.write_item(tmp_path, item, picture, picture, record, tmp_path / jobs.MANIFEST)
+    assert not list(tmp_path.rglob("*.partial")) and not (tmp_path / item.file).exists()
 
 
 def test_torchrun_shards_items_and_resumes_a_killed_run(mirage_flux, prompts_file, single_run, tmp_path):
