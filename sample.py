@@ -112,10 +112,14 @@ def check(options: Options) -> None:
         value = getattr(options, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be positive, got {value}")
+    paths = []
     for spec in options.lora or []:
         path, scale = lora_spec(spec)
         if not path.is_file() or not math.isfinite(scale):
             raise ValueError(f"--lora {spec}: expected PATH[:SCALE], an existing file and a finite scale")
+        if path in paths:
+            raise ValueError(f"--lora {path} is given twice: give each file once, with the scale it should have")
+        paths.append(path)
 
 
 def lora_spec(spec: str) -> tuple[Path, float]:

@@ -1,10 +1,12 @@
 """LoRA for the Mirage transformer: low-rank updates of its linear layers, read from safetensors files.
 
 A LoRA changes a linear layer's weight W [out, in] by  scale * alpha / rank * up @ down,  with down [rank, in]
-and up [out, rank]: PEFT's convention, where alpha is the rank when a file gives none. Files come spelled four
-ways, told apart by their keys:
+and up [out, rank]: PEFT's convention, where alpha is the rank when a file gives none. diffusers and PEFT keep
+alpha outside the tensors, in PEFT's LoraConfig (`lora_alpha`, `alpha_pattern`, `use_rslora`: alpha / sqrt(rank)):
+the file's `lora_adapter_metadata`, or the `adapter_config.json` beside PEFT's `adapter_model.safetensors`.
+Files come spelled four ways, told apart by their keys:
 - diffusers / PEFT: `[transformer.]blocks.0.attention.img_qkv_proj.lora_A.weight` (down), `.lora_B.weight` (up),
-  optionally `.alpha`;
+  optionally `.alpha`; PEFT's own files prefix `base_model.model.`;
 - trainers that name the model `diffusion_model`: `diffusion_model.blocks.0.attention.img_qkv_proj.lora_A.weight`;
 - the original training codebase's layer names (`blocks.0.img_qkv_proj`, `blocks.0.attn_out`; the rename table
   is the converter's, in `mirage.loading`), with either of the prefixes above or none;
@@ -26,6 +28,7 @@ lacks, a rank or shape that does not fit, or a non-finite value raises a LoRAErr
 leaves the model as it was.
 """
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -45,7 +48,9 @@ KOHYA_KEY = re.compile(r"lora_unet_(?P<layer>.+)\.(?P<part>lora_down\.weight|lor
 PARTS = {
     "lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"
 }  # fmt: skip
-PEFT_PREFIXES = ("transformer.", "diffusion_model.")
+PEFT_PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
+TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")  # diffusers' and kohya's names for text-encoder LoRAs
+FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class LoRAError(ValueError):
@@ -65,19 +70,60 @@ class LayerLoRA:
 
 
 def read_lora(path: str | Path) -> dict[str, Tensor]:
-    """All tensors of a LoRA safetensors file (on the CPU)."""
+    """All tensors of a LoRA safetensors file (on the CPU), with the alphas of its LoraConfig, if it has one, as
+    `.alpha` tensors: from here on every format spells alpha the same way."""
     path = Path(path)
     if not path.is_file():
         raise LoRAError(f"LoRA file {path} does not exist")
     try:
-        return load_file(path)
-    except (SafetensorError, OSError) as err:
+        state_dict = load_file(path)
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata() or {}
+        config = lora_config(path, metadata)
+    except (SafetensorError, OSError, ValueError) as err:  # ValueError: a config that is not JSON
         raise LoRAError(f"{path} is not a readable safetensors file ({err})") from None
+    return with_config_alphas(state_dict, config, source=str(path)) if config else state_dict
+
+
+def lora_config(path: Path, metadata: dict[str, str]) -> dict | None:
+    """The PEFT LoraConfig (as a dict) that diffusers writes into a file's metadata, with each setting prefixed by
+    its model ("transformer.r") when a whole pipeline's LoRA was saved; or PEFT's adapter_config.json beside it."""
+    if "lora_adapter_metadata" in metadata:
+        config = json.loads(metadata["lora_adapter_metadata"])
+        if any(key.startswith("transformer.") for key in config):
+            config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+        return config
+    beside = path.with_name("adapter_config.json")
+    if path.name == "adapter_model.safetensors" and beside.is_file():
+        return json.loads(beside.read_text(encoding="utf-8"))
+    return None
+
+
+def with_config_alphas(state_dict: dict[str, Tensor], config: dict, source: str) -> dict[str, Tensor]:
+    """The state dict with an `.alpha` for every layer that has none, taken from a LoraConfig as PEFT takes it: the
+    first `alpha_pattern` key that matches the end of the layer's name, else `lora_alpha` (PEFT's default: 8); with
+    `use_rslora` the update is scaled by alpha / sqrt(rank), written as the alpha that gives that over rank."""
+    if config.get("use_dora"):
+        raise LoRAError(f"{source} is a DoRA (use_dora in its config), which mirage does not apply")
+    patterns = config.get("alpha_pattern") or {}
+    alphas = {}
+    for key, down in state_dict.items():
+        match = PEFT_KEY.fullmatch(key)
+        if not match or match["part"] != "lora_A.weight" or f"{match['layer']}.alpha" in state_dict:
+            continue
+        layer = match["layer"]
+        layer = next((layer.removeprefix(p) for p in PEFT_PREFIXES if layer.startswith(p)), layer)  # the model's name
+        matching = (a for k, a in patterns.items() if re.match(rf"(.*\.)?({k})$", layer))
+        alpha = next(matching, config.get("lora_alpha", 8))
+        if config.get("use_rslora") and down.ndim == 2:
+            alpha *= math.sqrt(down.shape[0])
+        alphas[f"{match['layer']}.alpha"] = torch.tensor(float(alpha))
+    return {**state_dict, **alphas}
 
 
 def lora_format(keys: list[str]) -> tuple[str, str]:
-    """("kohya", "lora_unet_") or ("peft", its prefix: "transformer.", "diffusion_model." or ""), from the first
-    key; the other keys are held to it when they are parsed."""
+    """("kohya", "lora_unet_") or ("peft", its prefix: "transformer.", "diffusion_model.", "base_model.model." or
+    ""), from the first key; the other keys are held to it when they are parsed."""
     if keys[0].startswith("lora_unet_"):
         return "kohya", "lora_unet_"
     return "peft", next((p for p in PEFT_PREFIXES if keys[0].startswith(p)), "")
@@ -92,6 +138,9 @@ def parse_lora(state_dict: dict[str, Tensor], model: nn.Module, source: str = "t
         raise LoRAError(f"{source} holds no tensors")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     keys = sorted(state_dict)
+    text_encoder_key = next((key for key in keys if key.startswith(TEXT_ENCODER_PREFIXES)), None)
+    if text_encoder_key is not None:
+        raise LoRAError(f"{source}: {text_encoder_key} is for a text encoder; mirage applies LoRAs to the transformer")
     style, prefix = lora_format(keys)
     kohya_names = {name.replace(".", "_"): name for name in linears}
     found: dict[str, dict[str, str]] = {}  # layer path -> {"down" / "up" / "alpha": key}
@@ -124,8 +173,8 @@ def check_layer(
         if part not in keys:
             raise LoRAError(f"{source}: {next(iter(keys.values()))} has no {part} weight beside it for {layer}")
     for key in (keys["down"], keys["up"]):
-        if not state_dict[key].is_floating_point() or not torch.isfinite(state_dict[key]).all():
-            raise LoRAError(f"{source}: {key} must hold finite floating-point values")
+        if state_dict[key].dtype not in FLOAT_TYPES or not torch.isfinite(state_dict[key]).all():
+            raise LoRAError(f"{source}: {key} must hold finite fp16, bf16, fp32 or fp64 values")
     down, up = state_dict[keys["down"]], state_dict[keys["up"]]
     shapes = f"{keys['down']} {tuple(down.shape)} and {keys['up']} {tuple(up.shape)}"
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
@@ -211,8 +260,8 @@ class LoRALinear(nn.Linear):
         original = self.original.to(self.weight.device)
         if fused:
             self.weight.data = (original.float() + sum(fused)).to(self.weight.dtype)
-        else:
-            self.weight.data = original
+        else:  # in the weight's dtype, which a model.to(dtype) since the fusing may have changed
+            self.weight.data = original.to(self.weight.dtype)
             self.original = None
 
 

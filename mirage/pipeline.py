@@ -211,6 +211,10 @@ class MiragePipeline:
         self.cuda_graph = cuda_graph
         self.keep_text_encoder = keep_text_encoder
         self.models: dict[str, nn.Module] = {}  # loaded on first use, see `model`
+        # LoRAs loaded before the transformer is read: checked on a weightless copy of it, attached when it is read
+        self.pending_loras: list[tuple[dict, float, str, str]] = []  # (state dict, scale, name, file)
+        self.unread_transformer: MirageTransformer | None = None  # the weightless copy, holding those LoRAs
+        self.denoising = False  # LoRAs must not change then: the text side and modulations are computed before
 
     @classmethod
     def from_pretrained(
@@ -255,6 +259,10 @@ class MiragePipeline:
         path = self.folder / f"{name}.safetensors"
         home = torch.device("cpu") if self.offload else self.device
         model = load_model(lambda: model_class(model_config), path, home, dtype)
+        if name == "transformer":
+            for state_dict, scale, lora_name, source in self.pending_loras:
+                lora.add_lora(model, state_dict, scale, lora_name, source)
+            self.pending_loras, self.unread_transformer = [], None
         if self.offload == "sequential":
             memory.stream_parts(model, self.device)
         if self.compile:
@@ -407,11 +415,15 @@ class MiragePipeline:
         latents = self.initial_latents(n, height, width, seed, generator, latents)  # [N, C, h, w]
         schedule = flow_match_sigmas(steps, sampling.shift, sampling.num_train_timesteps, sigmas)
         with self.running("transformer") as transformer:
-            context = transformer.encode_text(embeds, masks)  # the text side, once for all steps
-            latents = denoise(
-                transformer, latents, schedule, context, guidance_scale, callback, progress, cuda_graph=self.cuda_graph,
-                num_train_timesteps=sampling.num_train_timesteps,
-            )  # fmt: skip
+            self.denoising = True
+            try:
+                context = transformer.encode_text(embeds, masks)  # the text side, once for all steps
+                latents = denoise(
+                    transformer, latents, schedule, context, guidance_scale, callback, progress,
+                    cuda_graph=self.cuda_graph, num_train_timesteps=sampling.num_train_timesteps,
+                )  # fmt: skip
+            finally:
+                self.denoising = False
         check_finite(latents, "the transformer's latents")
         if output_type == "latent":
             return latents
@@ -485,19 +497,41 @@ class MiragePipeline:
 
     def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
         """Add a LoRA file to the transformer, unfused; -> its name (default: the file's stem). A bad file raises a
-        LoRAError naming the key and changes nothing."""
-        return lora.load_lora(self.transformer, path, scale, name)
+        LoRAError naming the key and changes nothing. Before the transformer is read, the file is checked against a
+        weightless (meta-device) copy of it and attached once the transformer is read, after the prompts are
+        encoded, so that the text encoder can go first; the other LoRA methods read the transformer."""
+        self._check_not_denoising()
+        name = name or Path(path).stem
+        if "transformer" in self.models:
+            return lora.load_lora(self.transformer, path, scale, name)
+        if self.unread_transformer is None:
+            with torch.device("meta"):
+                self.unread_transformer = MirageTransformer(self.config.transformer)
+        state_dict = lora.read_lora(path)
+        lora.add_lora(self.unread_transformer, state_dict, scale, name, source=str(path))  # every check, names too
+        self.pending_loras.append((state_dict, scale, name, str(path)))
+        return name
 
     def set_lora_scale(self, name: str, scale: float) -> None:
+        self._check_not_denoising()
         lora.set_lora_scale(self.transformer, name, scale)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove one LoRA (default: all); the weights it touched return to their original bits."""
+        self._check_not_denoising()
         lora.unload_lora(self.transformer, name)
 
     def fuse_lora(self, name: str | None = None) -> None:
         """Merge one loaded LoRA (default: all) into the transformer's weights: no cost per step."""
+        self._check_not_denoising()
         lora.fuse_lora(self.transformer, name)
+
+    def _check_not_denoising(self) -> None:
+        if self.denoising:
+            raise lora.LoRAError(
+                "LoRAs cannot change during denoising (from a callback): the text side and every step's modulation "
+                "are computed before the first step; change them between calls"
+            )
 
 
 def check_size(height: int, width: int, multiple: int, binning: bool) -> None:

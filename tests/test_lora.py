@@ -130,6 +130,42 @@ def test_parity_every_format_rank_and_mode(pair, tmp_path, style, rank, fused):
     assert_parity(run(ours, x), expected)
 
 
+@pytest.mark.parametrize(
+    "where, config",
+    [
+        ("pipeline", {"r": 4, "lora_alpha": 12, "alpha_pattern": {"gate_proj": 2, "blocks.1.attention.img_qkv_proj": 32}}),
+        ("model", {"r": 4, "lora_alpha": 6, "use_rslora": True}),
+        ("peft", {"r": 4}),  # PEFT's default lora_alpha is 8, not the rank
+    ],
+)
+@torch.no_grad()
+def test_alphas_from_the_lora_config(pair, tmp_path, where, config):
+    """diffusers writes PEFT's LoraConfig into the file's metadata (its settings prefixed "transformer." when a
+    pipeline saved it), PEFT beside it in adapter_config.json; the alphas are PEFT's: the first alpha_pattern key
+    matching the end of the layer name, else lora_alpha; scaling alpha / sqrt(rank) with use_rslora. (Checked here
+    against PEFT 0.21.2 itself, which the tests do not install.)"""
+    ours, ref, x, base = copy.deepcopy(pair)
+    lora = random_lora(targets(ours, "img_qkv_proj", "gate_proj", "txt_kv_proj"), 4, seed=11)
+    for layer, (down, up, _) in lora.items():
+        pattern = next((a for k, a in config.get("alpha_pattern", {}).items() if layer.endswith(k)), None)
+        alpha = pattern or config.get("lora_alpha", 8)
+        lora[layer] = (down, up, alpha * 2 if config.get("use_rslora") else alpha)  # alpha / sqrt(4) = 2 alpha / 4
+    state = state_dict_of({k: (down, up, None) for k, (down, up, _) in lora.items()}, "peft")
+    if where == "peft":
+        path = tmp_path / "adapter_model.safetensors"
+        save_file({f"base_model.model.{k}": v for k, v in state.items()}, path)
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    else:
+        settings = {f"transformer.{k}": v for k, v in config.items()} if where == "pipeline" else config
+        path = tmp_path / "lora.safetensors"
+        save_file(state, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(settings)})
+    load_lora(ours, path, scale=0.7)
+    apply_to_reference(ref, lora, 0.7)
+    expected = ref_forward(ref, *x)
+    assert max_rel_err(expected, base) > 0.1
+    assert_parity(run(ours, x), expected)
+
+
 @torch.no_grad()
 def test_scale_changes_without_reloading(pair):
     ours, ref, x, base = copy.deepcopy(pair)
@@ -217,6 +253,17 @@ def test_half_precision_merges_in_fp32(pair, dtype):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_unloading_after_a_dtype_change_keeps_the_models_dtype(pair):
+    ours, _, x, _ = copy.deepcopy(pair)
+    add_lora(ours, state_dict_of(random_lora(targets(ours, "blocks.0"), 4, seed=12), "peft"), 0.5, name="style")
+    fuse_lora(ours)
+    ours.to(torch.bfloat16)
+    unload_lora(ours)  # the kept original weights are fp32: they come back in the model's dtype
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(run(ours, x)).all()
+
+
 def test_lora_tensors_follow_the_model():
     ours, _ = make_pair(EXTRAS_TINY)
     add_lora(ours, state_dict_of(random_lora(targets(ours), 4, seed=6), "peft"), 1.0, name="moving")
@@ -263,6 +310,8 @@ def bad_inputs(good: dict[str, torch.Tensor]):
         ("alpha-inf", {**good, alpha: torch.tensor(float("inf"))}, alpha),
         ("nan", {**good, f"{Q}.lora_B.weight": torch.full_like(b, float("nan"))}, f"{Q}.lora_B.weight"),
         ("integer", {**good, f"{Q}.lora_A.weight": a.int()}, f"{Q}.lora_A.weight"),
+        ("fp8", {**good, f"{Q}.lora_A.weight": a.to(torch.float8_e4m3fn)}, f"{Q}.lora_A.weight"),
+        ("text-encoder", {**good, "text_encoder.layers.0.q_proj.lora_A.weight": a}, "text_encoder.layers.0.q_proj"),
         ("two-spellings", {**good, "blocks.0.img_qkv_proj.lora_A.weight": a}, "blocks.0.img_qkv_proj.lora_A.weight"),
         ("empty", {}, "no tensors"),
     ]
@@ -336,6 +385,12 @@ def test_pipeline_methods(mirage_flux, tmp_path):
     pipe.fuse_lora()
     assert max_rel_err(unfused, base) > 0.05
     assert_parity(latents(), unfused, tol=1e-4)
+
+    def change_lora(step, *_):
+        pipe.set_lora_scale("detail", 0.1)
+
+    with pytest.raises(LoRAError, match="cannot change during denoising"):  # the text side would keep the old one
+        pipe("a red fox", num_inference_steps=2, height=64, width=64, output_type="latent", callback=change_lora)
     pipe.set_lora_scale("detail", 0.0)  # merged again from the original weights: W + 0 is W
     assert torch.equal(latents(), base)
     pipe.unload_lora()
@@ -345,6 +400,30 @@ def test_pipeline_methods(mirage_flux, tmp_path):
     with pytest.raises(LoRAError, match="lora_unet_blocks_0_gate"):
         pipe.load_lora(bad)
     assert torch.equal(latents(), base)
+
+
+@torch.no_grad()
+def test_a_lora_loaded_first_waits_for_the_transformer(mirage_flux, tmp_path):
+    """Loading a LoRA does not read the transformer (it would sit beside the text encoder): the file is checked
+    on a weightless copy and attached when the transformer is read, with the same result."""
+    path = tmp_path / "detail.safetensors"
+    save_file(state_dict_of(transformer_lora(mirage_flux), "peft"), path)
+    kwargs = dict(seed=1, num_inference_steps=2, height=64, width=64, use_resolution_binning=False,
+                  output_type="latent", progress=False)  # fmt: skip
+    early = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
+    assert early.load_lora(path, scale=0.6) == "detail" and "transformer" not in early.models
+    with pytest.raises(LoRAError, match="already loaded"):  # checked now, names included
+        early.load_lora(path)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"blocks.0.attention.nope.lora_A.weight": torch.ones(1, 1)}, bad)
+    with pytest.raises(LoRAError, match="blocks.0.attention.nope"):
+        early.load_lora(bad)
+    assert "transformer" not in early.models
+    late = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
+    late.transformer
+    late.load_lora(path, scale=0.6)
+    assert torch.equal(early("a red fox", **kwargs), late("a red fox", **kwargs))
+    assert lora_names(early.transformer) == ["detail"] and early.pending_loras == []
 
 
 def test_sample_py_lora_equals_the_fused_checkpoint(mirage_flux, tmp_path):
@@ -392,5 +471,7 @@ def test_sample_py_rejects_a_bad_lora_before_sampling(mirage_flux, tmp_path):
     for spec in (f"{tmp_path / 'missing.safetensors'}:0.5", f"{bad}:nan"):
         with pytest.raises(ValueError, match="--lora"):
             sample.main([*args, "--lora", spec])
+    with pytest.raises(ValueError, match="is given twice"):
+        sample.main([*args, "--lora", f"{bad}:0.5", "--lora", f"{bad}:0.3"])
     assert sample.lora_spec("C:/loras/x.safetensors") == (Path("C:/loras/x.safetensors"), 1.0)
     assert sample.lora_spec("x.safetensors:-0.5") == (Path("x.safetensors"), -0.5)
