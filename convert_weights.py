@@ -24,6 +24,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import mirage
+
+mirage.use_huge_pages()  # before torch is imported (it reads the setting once)
+
 import torch
 from safetensors.torch import save_file
 

@@ -22,6 +22,10 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import mirage
+
+mirage.use_huge_pages()  # before anything imports torch
+
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 HOW_TO_GET_WEIGHTS = (

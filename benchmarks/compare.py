@@ -428,11 +428,12 @@ def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     text = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM"
     if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    elif hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"):
+        return text + f", {torch.cuda.get_device_name()}"
+    if hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"):
         native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         text += ", native bf16" if native else ", no native bf16 (bf16 is emulated)"
-    return text
+    # Both sides' workers inherit it; 2 MB pages cut the reference's page faults more than ours (see the README).
+    return text + f", THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
 
 
 def accelerate_note() -> str:

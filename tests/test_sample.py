@@ -1,6 +1,7 @@
 """sample.py as a user runs it: a subprocess on a tiny converted checkpoint."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -100,3 +101,25 @@ def test_output_folders_are_checked_without_being_made(tmp_path):
     with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'file.png'} is a file, not a folder: choose another --outdir"):
         sample.check_writable(tmp_path / "file.png" / "sub", "--outdir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.png"]
+
+
+@pytest.mark.parametrize("script", ["sample", "convert_weights"])
+def test_huge_pages_are_asked_for_before_torch_is_imported(script):
+    """PyTorch reads THP_MEM_ALLOC_ENABLE once, at import: the command-line scripts set it before that."""
+    watch = f"""
+import importlib.abc, os, sys
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            print("torch imported with THP_MEM_ALLOC_ENABLE =", os.environ.get("THP_MEM_ALLOC_ENABLE"))
+            sys.meta_path.remove(self)
+sys.meta_path.insert(0, Watch())
+import {script}
+import mirage.pipeline  # what sample.py imports once its flags are checked
+"""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    run = subprocess.run([sys.executable, "-c", watch], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout == "torch imported with THP_MEM_ALLOC_ENABLE = 1\n", run.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-c", watch], cwd=ROOT, env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.stdout == "torch imported with THP_MEM_ALLOC_ENABLE = 0\n"  # the environment's own choice stays
