@@ -26,7 +26,7 @@ from pathlib import Path
 
 import mirage
 
-mirage.use_huge_pages()  # before torch is imported (it reads the setting once)
+mirage.use_huge_pages()  # before torch is imported: it reads the setting once, at its first large tensor
 
 import torch
 from safetensors.torch import save_file

@@ -121,9 +121,9 @@ def check(options: Options) -> None:
         path, scale = lora_spec(spec)
         if not path.is_file() or not math.isfinite(scale):
             raise ValueError(f"--lora {spec}: expected PATH[:SCALE], an existing file and a finite scale")
-        if path in paths:
+        if path.resolve() in paths:
             raise ValueError(f"--lora {path} is given twice: give each file once, with the scale it should have")
-        paths.append(path)
+        paths.append(path.resolve())
 
 
 def lora_spec(spec: str) -> tuple[Path, float]:
@@ -304,12 +304,13 @@ def add_loras(pipe, options: Options) -> None:
 
 def run_settings(options: Options, weights: Path, pipe) -> dict:
     """What every PNG's metadata records about the run, besides the image's own prompt and seed: the dtype is the
-    one the transformer ran in (bf16 asked on a CPU without it runs fp32)."""
+    one the transformer ran in (bf16 asked on a CPU without it runs fp32); paths are absolute, so that a resumed
+    --prompts-file run recognises its own images whichever way the paths are written."""
     from mirage.precision import DTYPES
 
-    loras = [{"path": str(lora_path), "scale": scale} for lora_path, scale in map(lora_spec, options.lora or [])]
+    loras = [{"path": str(path.resolve()), "scale": scale} for path, scale in map(lora_spec, options.lora or [])]
     dtype = next(name for name, dtype in DTYPES.items() if dtype == pipe.dtype)
-    return {**asdict(options), "weights": str(weights), "lora": loras, "dtype": dtype}
+    return {**asdict(options), "weights": str(weights.resolve()), "lora": loras, "dtype": dtype}
 
 
 if __name__ == "__main__":

@@ -95,8 +95,6 @@ def read_prompts(path: str | Path, defaults: Defaults) -> list[Item]:
     """Every item of a prompts file, all checked before any is made; the first bad line raises a
     PromptsFileError that names it."""
     path = Path(path)
-    if not path.is_file():
-        raise PromptsFileError(f"{path} is not a file: give a text file of prompts, one per line (or JSON Lines)")
     items, line_of_name = [], {}
     try:
         with path.open(encoding="utf-8-sig") as lines:  # -sig: a byte-order mark is not part of the first prompt
@@ -111,6 +109,8 @@ def read_prompts(path: str | Path, defaults: Defaults) -> list[Item]:
                 items.append(item)
     except UnicodeDecodeError as err:
         raise PromptsFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:  # missing, a folder, unreadable (a pipe such as /dev/stdin is fine)
+        raise PromptsFileError(f"{path}: cannot read it ({err.strerror}): give a text file of prompts") from None
     if not items:
         raise PromptsFileError(f"{path}: holds no prompts")
     return items
@@ -118,9 +118,9 @@ def read_prompts(path: str | Path, defaults: Defaults) -> list[Item]:
 
 def _settings(text: str, where: str) -> dict:
     """A line's own settings: {"prompt": line} for plain text, the checked object for a JSON line."""
-    if text.lstrip().startswith("["):
-        raise PromptsFileError(f"{where}: a JSON array: write one JSON object per line (JSON Lines) instead")
     if not text.lstrip().startswith("{"):
+        if text.lstrip().startswith("[") and _is_json_array(text):  # "[cinematic] a fox" is a prompt
+            raise PromptsFileError(f"{where}: a JSON array: write one JSON object per line (JSON Lines) instead")
         return {"prompt": text.strip()}
     try:
         settings = json.loads(text)
@@ -139,6 +139,13 @@ def _settings(text: str, where: str) -> dict:
             kind = {str: "a string", int: "an integer"}.get(ITEM_KEYS[key], "a number")
             raise PromptsFileError(f"{where}: {key} must be {kind}, got {json.dumps(value)}")
     return settings
+
+
+def _is_json_array(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), list)
+    except json.JSONDecodeError:
+        return False
 
 
 def _item(settings: dict, index: int, line: int, defaults: Defaults, where: str) -> Item:

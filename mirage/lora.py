@@ -79,32 +79,56 @@ def read_lora(path: str | Path) -> dict[str, Tensor]:
         state_dict = load_file(path)
         with safe_open(path, "pt") as file:
             metadata = file.metadata() or {}
-        config = lora_config(path, metadata)
-    except (SafetensorError, OSError, ValueError) as err:  # ValueError: a config that is not JSON
+    except (SafetensorError, OSError) as err:
         raise LoRAError(f"{path} is not a readable safetensors file ({err})") from None
-    return with_config_alphas(state_dict, config, source=str(path)) if config else state_dict
+    config = lora_config(path, metadata)
+    return with_config_alphas(state_dict, config) if config else state_dict
 
 
 def lora_config(path: Path, metadata: dict[str, str]) -> dict | None:
-    """The PEFT LoraConfig (as a dict) that diffusers writes into a file's metadata, with each setting prefixed by
-    its model ("transformer.r") when a whole pipeline's LoRA was saved; or PEFT's adapter_config.json beside it."""
-    if "lora_adapter_metadata" in metadata:
-        config = json.loads(metadata["lora_adapter_metadata"])
-        if any(key.startswith("transformer.") for key in config):
-            config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
-        return config
+    """The transformer's PEFT LoraConfig (as a dict), checked: diffusers writes it into a file's metadata, each
+    setting prefixed by its model ("transformer.r") when a whole pipeline's LoRA was saved; PEFT writes
+    adapter_config.json beside its adapter_model.safetensors. None without one."""
     beside = path.with_name("adapter_config.json")
-    if path.name == "adapter_model.safetensors" and beside.is_file():
-        return json.loads(beside.read_text(encoding="utf-8"))
-    return None
+    if "lora_adapter_metadata" in metadata:
+        where, text = f"{path}'s lora_adapter_metadata", metadata["lora_adapter_metadata"]
+    elif path.name == "adapter_model.safetensors" and beside.is_file():
+        where, text = str(beside), beside.read_text(encoding="utf-8", errors="replace")
+    else:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LoRAError(f"{where} is not JSON ({err.msg}): save the LoRA again") from None
+    if not isinstance(config, dict):
+        raise LoRAError(f"{where} is not a LoRA config (a JSON object): save the LoRA again")
+    if any("." in key for key in config):  # a pipeline's: keep the transformer's settings (there may be none)
+        config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+    return check_config(config, where) or None
 
 
-def with_config_alphas(state_dict: dict[str, Tensor], config: dict, source: str) -> dict[str, Tensor]:
+def check_config(config: dict, where: str) -> dict:
+    """The LoraConfig settings mirage reads, or a LoRAError naming the bad one."""
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise LoRAError(f"{where}: alpha_pattern must map layer names to alphas, got {patterns!r}")
+    for alpha in (config.get("lora_alpha", 8), *patterns.values()):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise LoRAError(f"{where}: an alpha must be a number, got {alpha!r}")
+    for key in patterns:
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise LoRAError(f"{where}: alpha_pattern key {key!r} is not a regular expression ({err})") from None
+    if config.get("use_dora"):
+        raise LoRAError(f"{where} describes a DoRA (use_dora), which mirage does not apply")
+    return config
+
+
+def with_config_alphas(state_dict: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
     """The state dict with an `.alpha` for every layer that has none, taken from a LoraConfig as PEFT takes it: the
     first `alpha_pattern` key that matches the end of the layer's name, else `lora_alpha` (PEFT's default: 8); with
     `use_rslora` the update is scaled by alpha / sqrt(rank), written as the alpha that gives that over rank."""
-    if config.get("use_dora"):
-        raise LoRAError(f"{source} is a DoRA (use_dora in its config), which mirage does not apply")
     patterns = config.get("alpha_pattern") or {}
     alphas = {}
     for key, down in state_dict.items():

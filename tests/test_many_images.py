@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -139,9 +140,20 @@ def test_sizes_from_the_command_line_are_not_blamed_on_the_prompts_file(tmp_path
     for size, message in (("20000", "1 to 16384 pixels, got 20000x64"), ("72", "multiples of 16 .* got 72x64")):
         with pytest.raises(ValueError, match=f"^--height/--width: height and width must be {message}"):
             sample.main(flags(mirage_flux, path, tmp_path / "out", "--height", size))
-    with pytest.raises(jobs.PromptsFileError, match=f"^{tmp_path / 'nope.txt'} is not a file"):
-        sample.main(flags(mirage_flux, tmp_path / "nope.txt", tmp_path / "out"))
+    for missing in (tmp_path / "nope.txt", tmp_path):  # a missing file, a folder
+        with pytest.raises(jobs.PromptsFileError, match=f"^{missing}: cannot read it"):
+            sample.main(flags(mirage_flux, missing, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_prompts_from_a_pipe_and_prompts_in_brackets(tmp_path):
+    fifo = tmp_path / "fifo"  # as `--prompts-file <(...)` or /dev/stdin give it
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("[cinematic] a fox\n[1, 2] ribbons\n",))
+    writer.start()
+    items = jobs.read_prompts(fifo, DEFAULTS)
+    writer.join()
+    assert [item.prompt for item in items] == ["[cinematic] a fox", "[1, 2] ribbons"]
 
 
 def test_a_rerun_with_other_settings_is_refused_before_it_starts(tmp_path, mirage_flux):
@@ -151,6 +163,13 @@ def test_a_rerun_with_other_settings_is_refused_before_it_starts(tmp_path, mirag
     run = flags(mirage_flux, path, outdir, "--steps", "1")
     sample.main(run)
     before = {p.name: stamp(p) for p in outdir.iterdir()}
+    relative = flags(Path("..") / mirage_flux.parent.name / mirage_flux.name, path, outdir, "--steps", "1")
+    with pytest.MonkeyPatch.context() as patch:  # the same command from elsewhere, the weights' path written another way
+        patch.chdir(tmp_path)
+        sample.main(relative)
+    assert {p.name: stamp(p) for p in outdir.iterdir() if p.name != jobs.MANIFEST} == {
+        name: when for name, when in before.items() if name != jobs.MANIFEST
+    }
     with pytest.raises(ValueError, match=rf"^{outdir / '00000-a-dog.png'} was made with seed 10; this run asks "
                                          r"seed 11: use another --outdir, or delete the file$"):  # fmt: skip
         sample.main([*run, "--seed", "11"])

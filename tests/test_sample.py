@@ -105,7 +105,7 @@ def test_output_folders_are_checked_without_being_made(tmp_path):
 
 @pytest.mark.parametrize("script", ["sample", "convert_weights"])
 def test_huge_pages_are_asked_for_before_torch_is_imported(script):
-    """PyTorch reads THP_MEM_ALLOC_ENABLE once, at import: the command-line scripts set it before that."""
+    """PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first large CPU tensor: the scripts set it before torch loads."""
     watch = f"""
 import importlib.abc, os, sys
 class Watch(importlib.abc.MetaPathFinder):
