@@ -117,12 +117,17 @@ def check_config(config: dict, where: str) -> dict:
             raise LoRAError(f"{where}: an alpha must be a number, got {alpha!r}")
     for key in patterns:
         try:
-            re.compile(key)
+            peft_pattern(key)
         except re.error as err:
             raise LoRAError(f"{where}: alpha_pattern key {key!r} is not a regular expression ({err})") from None
     if config.get("use_dora"):
         raise LoRAError(f"{where} describes a DoRA (use_dora), which mirage does not apply")
     return config
+
+
+def peft_pattern(key: str) -> re.Pattern:
+    """PEFT's reading of an alpha_pattern key: a layer name, or a regular expression, matching the name's end."""
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def with_config_alphas(state_dict: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
@@ -137,7 +142,7 @@ def with_config_alphas(state_dict: dict[str, Tensor], config: dict) -> dict[str,
             continue
         layer = match["layer"]
         layer = next((layer.removeprefix(p) for p in PEFT_PREFIXES if layer.startswith(p)), layer)  # the model's name
-        matching = (a for k, a in patterns.items() if re.match(rf"(.*\.)?({k})$", layer))
+        matching = (a for k, a in patterns.items() if peft_pattern(k).match(layer))
         alpha = next(matching, config.get("lora_alpha", 8))
         if config.get("use_rslora") and down.ndim == 2:
             alpha *= math.sqrt(down.shape[0])
