@@ -297,7 +297,7 @@ def open_pipeline(options: Options, weights: Path, device):
 
 
 def add_loras(pipe, options: Options) -> None:
-    """Every --lora, unfused (this reads the transformer)."""
+    """Every --lora, unfused: checked now, attached when the transformer is read (see MiragePipeline.load_lora)."""
     for lora_path, scale in map(lora_spec, options.lora or []):
         pipe.load_lora(lora_path, scale, name=str(lora_path))
 

@@ -432,7 +432,7 @@ def machine() -> str:
     if hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"):
         native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         text += ", native bf16" if native else ", no native bf16 (bf16 is emulated)"
-    # Both sides' workers inherit it; 2 MB pages cut the reference's page faults more than ours (see the README).
+    # Both sides' workers inherit it: 2 MB pages change how often each side page-faults (see the README's CPU part).
     return text + f", THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
 
 
