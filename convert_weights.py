@@ -15,10 +15,13 @@ training codebase's in mirage/loading.py, where LoRA loading reads it too).
 """
 
 import argparse
+import glob
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -29,6 +32,7 @@ import mirage
 mirage.use_huge_pages()  # before torch is imported: it reads the setting once, at its first large tensor
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from mirage.configs import (
@@ -49,6 +53,16 @@ from mirage.tokenizer import sentencepiece_model_from_tokenizer_json
 VAE_CLASS_NAMES = {"AutoencoderKL": "flux", "AutoencoderDC": "dc-ae"}
 # Distilled checkpoints ("distilled" in the name) sample in 8 steps without guidance; others take SamplingConfig's.
 DISTILLED_SAMPLING = {"num_inference_steps": 8, "guidance_scale": 1.0}
+
+# What a Hub download fetches (glob patterns): for SRC the parts of a pipeline; for a part flag that part's
+# subfolder of a pipeline repo (FLUX.1-dev's vae/, not its 23 GB transformer) or a repo that holds only the part.
+PIPELINE_FILES = ["model_index.json", "transformer/*", "text_encoder/*", "tokenizer/*", "vae/*", "scheduler/*"]
+PART_FILES = {
+    "transformer": ["transformer/*", "*.json", "diffusion_pytorch_model*"],
+    "text_encoder": ["text_encoder/*", "*.json", "model*.safetensors"],
+    "tokenizer": ["tokenizer/*", "*.json", "tokenizer.model"],
+    "vae": ["vae/*", "*.json", "diffusion_pytorch_model*"],
+}
 
 # Black Forest Labs' `ae.safetensors` (the original LDM naming) -> diffusers AutoencoderKL, per name part.
 BFL_VAE_RENAMES = {
@@ -72,8 +86,9 @@ BFL_VAE_RENAMES = {
 # ---- reading sources -------------------------------------------------------------------------
 
 
-def resolve_source(spec: str) -> Path:
-    """A local file or folder as it is; a Hub repo id (`owner/name`) downloaded with huggingface_hub."""
+def resolve_source(spec: str, files: list[str]) -> Path:
+    """A local file or folder as it is; a Hub repo id (`owner/name`) downloaded with huggingface_hub, only its
+    `files` (glob patterns: a repo like FLUX.1-dev holds tens of GB that a conversion does not read)."""
     path = Path(spec)
     if path.exists():
         return path
@@ -86,7 +101,7 @@ def resolve_source(spec: str) -> Path:
             f"{spec} is not a local path; to download it from the Hub, pip install huggingface_hub"
         ) from None
     try:
-        return Path(snapshot_download(spec))
+        return Path(snapshot_download(spec, allow_patterns=files))
     except Exception as err:  # huggingface_hub raises many types (no such repo, offline, ...); all mean the same here
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
@@ -116,22 +131,40 @@ def reading(path: Path):
         raise CheckpointError(f"{path} is not a config mirage can read ({detail})") from None
 
 
-def read_weights(path: Path, stem: str = "") -> dict[str, torch.Tensor]:
-    """All tensors of a file, or of a folder's `{stem}.safetensors` (sharded with an index json, or not)."""
+def read_weights(path: Path, stem: str = "", variant: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a file, or of a folder's `{stem}.safetensors` (sharded with an index json, or not). A variant
+    (diffusers' and transformers' name for, say, the fp16 copy of a model) is read where the folder has it:
+    `{stem}.{variant}.safetensors` or `{stem}.safetensors.index.{variant}.json`."""
     if path.is_file():
         return read_weights_file(path)
-    index = path / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        with reading(index):
-            shards = [path / shard for shard in sorted(set(read_json(index)["weight_map"].values()))]
-        missing = [shard for shard in shards if not shard.is_file()]
-        if missing:
-            raise CheckpointError(f"{missing[0]}, listed in {index.name}, is missing: download the checkpoint again")
-        return {k: v for shard in shards for k, v in read_safetensors(shard).items()}
-    single = path / f"{stem}.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"{path} holds no {stem}.safetensors (nor a sharded index): is it the right folder?")
-    return read_safetensors(single)
+    for suffix in ([f".{variant}"] if variant else []) + [""]:
+        index = path / f"{stem}.safetensors.index{suffix}.json"
+        if index.is_file():
+            return read_shards(index)
+        if (path / f"{stem}{suffix}.safetensors").is_file():
+            return read_safetensors(path / f"{stem}{suffix}.safetensors")
+    found = variants(path, stem)
+    hint = f"only the variants {', '.join(found)}: pass --variant NAME" if found else "is it the right folder?"
+    raise CheckpointError(f"{path} holds no {stem}.safetensors (nor a sharded index): {hint}")
+
+
+def read_shards(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of every shard that a sharded checkpoint's index json lists."""
+    with reading(index):
+        shards = [index.parent / shard for shard in sorted(set(read_json(index)["weight_map"].values()))]
+    missing = [shard for shard in shards if not shard.is_file()]
+    if missing:
+        raise CheckpointError(f"{missing[0]}, listed in {index.name}, is missing: download the checkpoint again")
+    return {k: v for shard in shards for k, v in read_safetensors(shard).items()}
+
+
+def variants(folder: Path, stem: str) -> list[str]:
+    """The variants of `stem` in a folder: fp16 for model.fp16.safetensors, model.fp16-00001-of-00002.safetensors
+    or model.safetensors.index.fp16.json."""
+    s = re.escape(stem)
+    pattern = rf"{s}\.(\w+)(?:-\d+-of-\d+)?\.safetensors|{s}\.safetensors\.index\.(\w+)\.json"
+    matches = (re.fullmatch(pattern, p.name) for p in folder.iterdir())
+    return sorted({m[1] or m[2] for m in matches if m})
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -150,12 +183,12 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_transformer(path: Path, latent_channels: int) -> tuple[TransformerConfig, dict]:
+def read_transformer(path: Path, latent_channels: int, variant: str | None) -> tuple[TransformerConfig, dict]:
     """A diffusers transformer folder, or an original-codebase state dict file (config inferred)."""
     if path.is_dir():
         with reading(path / "config.json"):
             config = TransformerConfig.from_diffusers(read_json(path / "config.json"))
-        return config, read_weights(path, "diffusion_pytorch_model")
+        return config, read_weights(path, "diffusion_pytorch_model", variant)
     weights = read_weights_file(path)
     if not any(k.startswith("blocks.0.attention.") for k in weights):
         weights = {rename_original_key(k): v for k, v in weights.items()}
@@ -178,6 +211,9 @@ def infer_transformer_config(weights: dict, latent_channels: int) -> Transformer
             "wrong --vae or --vae-type?"
         )
     depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+    mlp_ratio = mlp_hidden / hidden
+    while int(hidden * mlp_ratio) < mlp_hidden:  # the model's width is int(hidden * ratio): m / h may round below m
+        mlp_ratio = math.nextafter(mlp_ratio, math.inf)
     return replace(
         TransformerConfig(),
         in_channels=latent_channels,
@@ -186,16 +222,16 @@ def infer_transformer_config(weights: dict, latent_channels: int) -> Transformer
         hidden_size=hidden,
         num_heads=hidden // head_dim,
         depth=depth,
-        mlp_ratio=mlp_hidden / hidden,
+        mlp_ratio=mlp_ratio,
         axes_dim=(head_dim // 2, head_dim // 2),
     )
 
 
-def read_text_encoder(path: Path) -> tuple[TextEncoderConfig, dict]:
+def read_text_encoder(path: Path, variant: str | None) -> tuple[TextEncoderConfig, dict]:
     """A T5Gemma encoder folder, or a full encoder-decoder one: keep the encoder, drop the rest."""
     with reading(path / "config.json"):
         config = TextEncoderConfig.from_transformers(read_json(path / "config.json"))
-    weights = read_weights(path, "model")
+    weights = read_weights(path, "model", variant)
     prefix = next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in weights)), "")
     return config, {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
 
@@ -217,8 +253,11 @@ def read_tokenizer(path: Path) -> tuple[TokenizerConfig, bytes]:
         raise CheckpointError(f"{path}/tokenizer.json: {err}") from None
 
 
-def read_vae(path: Path, vae_type: str | None) -> tuple[str, FluxVAEConfig | DCAEConfig, dict]:
-    """A diffusers AutoencoderKL / AutoencoderDC folder, or Black Forest Labs' single-file `ae.safetensors`."""
+def read_vae(
+    path: Path, vae_type: str | None, variant: str | None, said_by: str = "--vae-type"
+) -> tuple[str, FluxVAEConfig | DCAEConfig, dict]:
+    """A diffusers AutoencoderKL / AutoencoderDC folder, or Black Forest Labs' single-file `ae.safetensors`; if
+    `vae_type` is given (by `said_by`), it must be that."""
     if path.is_file():
         if vae_type not in (None, "flux"):
             raise CheckpointError(f"{path} is a single-file VAE, which mirage reads only for the Flux VAE")
@@ -232,10 +271,10 @@ def read_vae(path: Path, vae_type: str | None) -> tuple[str, FluxVAEConfig | DCA
             f"{path}/config.json describes a {class_name!r}, not a VAE mirage knows ({', '.join(VAE_CLASS_NAMES)})"
         )
     if vae_type is not None and vae_type != found:
-        raise CheckpointError(f"{path} holds a {class_name} ({found}), but the VAE type was given as {vae_type}")
+        raise CheckpointError(f"{path} holds an {class_name} ({found}), but {said_by} says {vae_type}")
     with reading(path / "config.json"):
         config = FluxVAEConfig.from_diffusers(raw) if found == "flux" else DCAEConfig.from_diffusers(raw)
-    return found, config, read_weights(path, "diffusion_pytorch_model")
+    return found, config, read_weights(path, "diffusion_pytorch_model", variant)
 
 
 def rename_bfl_vae_key(key: str) -> str:
@@ -288,26 +327,32 @@ def read_scheduler(path: Path) -> dict:
 
 def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes]:
     """Read every component from SRC and the part flags: -> config, {component: weights}, tokenizer model."""
-    src = resolve_source(args.src) if args.src else None
+    src = resolve_source(args.src, PIPELINE_FILES) if args.src else None
     if src and not (src / "model_index.json").is_file():
         raise CheckpointError(f"{src} has no model_index.json: pass a diffusers-layout folder, or the part flags")
     index_vae_type, sample_size = read_index(src / "model_index.json") if src else (None, None)
 
     def part(flag_value, subfolder):
         if flag_value:
-            return resolve_source(flag_value)
+            path = resolve_source(flag_value, PART_FILES[subfolder])
+            pipeline = (path / "model_index.json").is_file() and (path / subfolder).is_dir()
+            return path / subfolder if pipeline else path  # a pipeline given for one part: that part's folder
         if src is None or not (src / subfolder).exists():
             raise CheckpointError(f"no {subfolder} found: pass --{subfolder.replace('_', '-')} PATH")
         return src / subfolder
 
-    vae_type, vae_config, vae_weights = read_vae(part(args.vae, "vae"), args.vae_type or index_vae_type)
-    transformer_config, transformer_weights = read_transformer(part(args.transformer, "transformer"), vae_config.latent_channels)
-    text_config, text_weights = read_text_encoder(part(args.text_encoder, "text_encoder"))
+    said_by = "--vae-type" if args.vae_type else "model_index.json"
+    vae_type = args.vae_type or (None if args.vae else index_vae_type)  # a --vae of its own is not SRC's
+    vae_type, vae_config, vae_weights = read_vae(part(args.vae, "vae"), vae_type, args.variant, said_by)
+    transformer_config, transformer_weights = read_transformer(
+        part(args.transformer, "transformer"), vae_config.latent_channels, args.variant
+    )
+    text_config, text_weights = read_text_encoder(part(args.text_encoder, "text_encoder"), args.variant)
     tokenizer_path = part(args.tokenizer, "tokenizer")
     tokenizer_config, tokenizer_model = read_tokenizer(tokenizer_path)
     scheduler = read_scheduler(src / "scheduler") if src and (src / "scheduler").is_dir() else {}
 
-    distilled = "distilled" in " ".join(str(s) for s in (args.src, args.transformer) if s)
+    distilled = distilled_name(args) is not None
     given = {"num_inference_steps": args.steps, "guidance_scale": args.guidance,
              "default_sample_size": args.sample_size or sample_size}  # fmt: skip
     sampling = SamplingConfig(
@@ -319,13 +364,24 @@ def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes]:
     return config, weights, tokenizer_model
 
 
+def distilled_name(args) -> str | None:
+    """The name that marks a distilled checkpoint ("distilled" in it, as Photoroom names them): SRC's, or the
+    --transformer's (its folder's, if that is called transformer). Only these names: not the folders above."""
+    for spec in filter(None, (args.src, args.transformer)):
+        path = Path(spec)
+        name = path.parent.name if path.name == "transformer" else path.name
+        if "distilled" in name:
+            return name
+    return None
+
+
 def check_weights(config: MirageConfig, weights: dict[str, dict]) -> None:
     """Every tensor against the shapes the config implies (models built on the meta device: no memory)."""
     for name in COMPONENTS:
         model_class, model_config = component(config, name)
         with torch.device("meta"):
             model = model_class(model_config)
-        check_state_dict(model, weights[name], source=f"the {name} weights")
+        check_state_dict(model, weights[name], source=f"the {name} state dict")
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -344,13 +400,20 @@ def check_out(out: Path, force: bool) -> None:
         ) from None
 
 
+def check_sources(args, out: Path) -> None:
+    """A source inside OUT would be deleted when --force replaces OUT: refuse before reading anything."""
+    for spec in filter(None, (args.src, args.transformer, args.text_encoder, args.tokenizer, args.vae)):
+        if out.exists() and Path(spec).exists() and Path(spec).resolve().is_relative_to(out.resolve()):
+            raise CheckpointError(f"{spec} lies inside {out}, which the conversion would replace: choose another OUT")
+
+
 def write_checkpoint(out: Path, config: MirageConfig, weights: dict, tokenizer_model: bytes, dtype, force: bool):
-    """Write into a temporary folder beside OUT, then rename: a failure leaves nothing half-written."""
+    """Write into a temporary folder beside OUT, then swap it in: a failure leaves nothing half-written."""
     out = out.resolve()  # "." or "a/.." has no name to put a folder beside
     check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_leftovers(out)
+    tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("tmp", "old"))
     try:
         tmp.mkdir()
         for name, state in weights.items():
@@ -358,19 +421,62 @@ def write_checkpoint(out: Path, config: MirageConfig, weights: dict, tokenizer_m
             save_file(state, tmp / f"{name}.safetensors", metadata={"format": "pt"})
         (tmp / "tokenizer.model").write_bytes(tokenizer_model)
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        swap_in(tmp, out, old)
+    except SafetensorError as err:  # how safetensors reports a failed write (disk full, file too large)
+        raise OSError(f"writing {out} failed ({err}): free some disk space, or choose another OUT") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(new: Path, out: Path, old: Path) -> None:
+    """Rename `new` to `out`. An existing `out` is renamed to `old` first, back if the swap fails, and deleted last:
+    at every moment `out` is the old checkpoint or the new one, never neither or a mix."""
+    replacing = out.exists()
+    if replacing:
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:  # Ctrl-C included
+        if replacing:
+            old.rename(out)
+        raise
+    if replacing:
+        try:
+            shutil.rmtree(old)
+        except OSError as err:
+            print(f"convert_weights.py: warning: could not delete the old checkpoint, now {old} ({err})",
+                  file=sys.stderr)  # fmt: skip
+
+
+def remove_leftovers(out: Path) -> None:
+    """Delete the temporary folders that conversions to OUT killed outright (SIGKILL, power loss) left beside it:
+    those of processes gone, or of this process's PID (a container's PIDs repeat from one run to the next)."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = path.name.removeprefix(f".{out.name}.").partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and (int(pid) == os.getpid() or not running(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 asks without sending; Windows has no such check: assume it does)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def describe(config: MirageConfig, weights: dict, dtype) -> list[str]:
-    """One line per component: what it is, how many parameters, which dtype is stored."""
+def describe(config: MirageConfig, weights: dict, dtype, distilled: str | None) -> list[str]:
+    """One line per component: what it is, how many parameters, which dtype is stored; the sampling settings, and
+    for a distilled checkpoint the name that said so."""
 
     def summary(state):
         count = sum(v.numel() for v in state.values())
@@ -387,7 +493,8 @@ def describe(config: MirageConfig, weights: dict, dtype) -> list[str]:
         f"({config.vae.spatial_compression}x, {config.vae.latent_channels} channels); "
         + summary(weights["vae"]),
         f"sampling:     {config.sampling.num_inference_steps} steps, guidance {config.sampling.guidance_scale}, "
-        f"shift {config.sampling.shift}, {config.sampling.default_sample_size} px",
+        f"shift {config.sampling.shift}, {config.sampling.default_sample_size} px"
+        + (f" (distilled, by the name {distilled}: --steps and --guidance set others)" if distilled else ""),
     ]
 
 
@@ -400,6 +507,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="tokenizer folder (tokenizer.model, or tokenizer.json)")
     parser.add_argument("--vae", help="diffusers AutoencoderKL/AutoencoderDC folder, or Black Forest Labs' ae.safetensors")
     parser.add_argument("--vae-type", choices=VAE_TYPES, help="when nothing else says which VAE it is")
+    parser.add_argument("--variant", help="read the variant files of the folders (e.g. fp16: model.fp16.safetensors)")
     default, distilled = SamplingConfig(), SamplingConfig(**DISTILLED_SAMPLING)
     parser.add_argument("--steps", type=int, help=f"recommended steps (default: {default.num_inference_steps}, "
                         f"or {distilled.num_inference_steps} for distilled checkpoints)")  # fmt: skip
@@ -408,7 +516,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sample-size", type=int, choices=sorted(ASPECT_RATIO_BINS), help="training resolution, if SRC lacks it")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="stored dtype (default: keep the source's)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    return parser.parse_intermixed_args(argv)  # SRC is optional: let flags sit between SRC and OUT
+    args = parser.parse_intermixed_args(argv)  # SRC is optional: let flags sit between SRC and OUT
+    if args.src is None and not any((args.transformer, args.text_encoder, args.tokenizer, args.vae)):
+        parser.error(f"give SRC and OUT (only {args.out} was given), or OUT and the part flags")
+    return args
 
 
 def main(argv=None) -> None:
@@ -416,15 +527,32 @@ def main(argv=None) -> None:
     dtype = DTYPES.get(args.dtype)
     out = Path(args.out)
     check_out(out, args.force)  # fail before reading gigabytes
+    check_sources(args, out)
     config, weights, tokenizer_model = gather(args)
     check_weights(config, weights)
     write_checkpoint(out, config, weights, tokenizer_model, dtype, args.force)
-    print("\n".join(describe(config, weights, dtype)))
+    print("\n".join(describe(config, weights, dtype, distilled_name(args))))
     print(f"wrote {out}")
 
 
+def stop_on_signals() -> None:
+    """End on SIGTERM (kill, timeout, docker stop) and SIGHUP as on Ctrl-C, so that the clean-up runs."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), interrupt)
+
+
 if __name__ == "__main__":
+    stop_on_signals()
     try:
         main()
-    except (CheckpointError, ValueError, OSError) as err:
+    except KeyboardInterrupt:
+        sys.exit("convert_weights.py: interrupted: nothing was half-written")
+    except MemoryError:
+        sys.exit("convert_weights.py: error: out of memory: close other programs, or convert on a larger machine")
+    except (ValueError, OSError, RuntimeError) as err:  # CheckpointError is a RuntimeError, as is torch's out of memory
         sys.exit(f"convert_weights.py: error: {err}")

@@ -9,7 +9,7 @@ A prompts file has one prompt per line, or one JSON object per line with "prompt
 "seed", "height", "width", "steps", "guidance", "name" (see mirage/jobs.py). Item i gets seed --seed + i and
 the file NNNNN-slug.png in --outdir, listed in its manifest.jsonl; re-running the command skips finished items.
 
-Unset sampling settings come from the checkpoint's config.json (28 steps and guidance 4, or 8 steps and
+Unset sampling settings come from the checkpoint's config.json (28 steps and guidance 5, or 8 steps and
 guidance 1 for distilled checkpoints). Every PNG carries its prompt and settings in its text metadata.
 """
 
@@ -139,7 +139,8 @@ def find_weights(weights: Path | None) -> Path:
     """--weights, or the only folder under weights/; with none, say how to make one."""
     if weights is not None:
         return weights
-    folders = sorted(p for p in WEIGHTS_DIR.iterdir() if p.is_dir()) if WEIGHTS_DIR.is_dir() else []
+    found = WEIGHTS_DIR.iterdir() if WEIGHTS_DIR.is_dir() else []
+    folders = sorted(p for p in found if p.is_dir() and not p.name.startswith("."))  # not a conversion's .NAME.tmp-PID
     if not folders:
         raise FileNotFoundError(HOW_TO_GET_WEIGHTS)
     if len(folders) > 1:
@@ -316,5 +317,9 @@ def run_settings(options: Options, weights: Path, pipe) -> dict:
 if __name__ == "__main__":
     try:
         main()
+    except KeyboardInterrupt:
+        sys.exit("sample.py: interrupted: images finished so far are written, none half-written")
+    except MemoryError:
+        sys.exit("sample.py: error: out of memory: try a smaller --height/--width or --batch-size")
     except (ValueError, OSError, RuntimeError, ArithmeticError) as err:  # CheckpointError is a RuntimeError
         sys.exit(f"sample.py: error: {err}")

@@ -487,7 +487,9 @@ class SamplingConfig:
     shift: float = 3.0  # sigma' = shift * sigma / (1 + (shift - 1) * sigma): more steps at high noise
     num_train_timesteps: int = 1000
     num_inference_steps: int = 28  # distilled checkpoints: 8
-    guidance_scale: float = 4.0  # distilled checkpoints: 1.0 (no unconditional pass)
+    # Photoroom's recommendation (diffusers' PRX docs: 28 steps, cfg 5.0; PRXPipeline's own default is 4.0);
+    # distilled checkpoints: 1.0 (no unconditional pass)
+    guidance_scale: float = 5.0
     default_sample_size: int = 512  # the resolution the checkpoint was trained at (256, 512 or 1024)
 
     def __post_init__(self):

@@ -10,7 +10,8 @@ one, and is written to `{i:05d}-{slug of the prompt}.png`, or `{name}.png`. That
 identity: a re-run skips the items whose files exist, so a crashed or pre-empted run goes on where it stopped.
 A file made with other settings (another seed, size, checkpoint, ...) is not skipped silently: the run stops
 before it starts, naming the file and what changed. Every image draws its noise from its own seed, so it does
-not depend on the batch size, the rank or the number of processes.
+not depend on the batch size, the rank or the number of processes (beyond float rounding: batched kernels round
+differently, which may move a pixel value by one level).
 
 Processes: torchrun's RANK / WORLD_SIZE / LOCAL_RANK decide (one process without them). Every rank lists
 the items still to do, and after a barrier rank r takes the r-th, (r + N)-th, ... of them, on cuda:LOCAL_RANK

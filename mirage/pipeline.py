@@ -30,7 +30,7 @@ from . import lora, memory
 from .autoencoder import decode_latents, to_unit_range
 from .configs import MirageConfig
 from .loading import CheckpointError, load_model, loaded_bytes, read_config
-from .precision import run_dtype
+from .precision import DTYPES, run_dtype
 from .prompt_cleaning import basic_clean, clean_prompt
 from .sampling import denoise, flow_match_sigmas, require_cuda
 from .text_encoder import T5GemmaEncoder
@@ -122,14 +122,20 @@ def load_tokenizer(model: Path | bytes, config: MirageConfig, source: str) -> Ge
     return tokenizer
 
 
-def check_finite(tensor: torch.Tensor, what: str) -> None:
-    """A FloatingPointError naming the model that made inf/NaN and what to try, instead of a black image."""
+def check_finite(tensor: torch.Tensor, what: str, causes: str = "the weights (convert the checkpoint again)") -> None:
+    """A FloatingPointError naming the model that made inf/NaN and what to try, instead of a black image: a wider
+    dtype first where there is one, then the `causes` that are that model's."""
     if torch.isfinite(tensor).all():
         return
-    advice = {torch.float16: "run it in bf16 or fp32 (--dtype)", torch.bfloat16: "run it in fp32 (--dtype fp32)"}.get(
-        tensor.dtype, "check the weights (convert the checkpoint again) and lower any huge guidance or LoRA scale"
-    )
+    wider = {torch.float16: "run it in bf16 or fp32 (--dtype)", torch.bfloat16: "run it in fp32 (--dtype fp32)"}
+    advice = f"{wider[tensor.dtype]}, or check {causes}" if tensor.dtype in wider else f"check {causes}"
     raise FloatingPointError(f"{what} hold inf/NaN in {str(tensor.dtype).removeprefix('torch.')}: {advice}")
+
+
+def check_given(tensor: torch.Tensor | None, name: str) -> None:
+    """Inputs given by the caller: inf/NaN there is theirs, not a model's."""
+    if tensor is not None and not torch.isfinite(tensor).all():
+        raise ValueError(f"the given {name} hold inf/NaN: pass finite values")
 
 
 def compile_model(model: nn.Module, name: str) -> nn.Module:
@@ -201,6 +207,8 @@ class MiragePipeline:
                 raise ValueError(
                     "CUDA graphs cannot replay sequential offload's weight moves: use offload='model' (--offload model)"
                 )
+        if offload and device.type == "cpu":
+            log.warning(f"offload={offload!r} does nothing on the CPU: the models are in CPU memory already")
         if compile and offload == "sequential":
             raise ValueError(
                 "compiled code cannot take in sequential offload's weight moves (each one breaks the graph): "
@@ -221,14 +229,15 @@ class MiragePipeline:
         cls,
         path,
         device=None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         offload: str | None = None,
         keep_text_encoder: bool | None = None,
         compile: bool = False,
         cuda_graph: bool = False,
     ) -> "MiragePipeline":
-        """Open a converted folder for `device` (default: cuda, mps, cpu) in `dtype` (default: bf16 on GPUs, fp32 on
-        CPU). Checks the folder now; reads the weights when each model is first used.
+        """Open a converted folder for `device` (default: cuda, mps, cpu) in `dtype` (torch.float32/bfloat16/float16
+        or "fp32"/"bf16"/"fp16"; default: bf16 on GPUs, fp32 on CPU). Checks the folder now; reads the weights when
+        each model is first used.
 
         keep_text_encoder: keep the text encoder loaded between calls (default: only when memory is ample).
         compile: torch.compile the transformer blocks, text-encoder layers and VAE decoder (`compile_model`).
@@ -243,6 +252,11 @@ class MiragePipeline:
                 raise CheckpointError(f"{file} is missing: convert the checkpoint again (python convert_weights.py)")
         device = torch.device(device) if device is not None else default_device()
         check_device(device)
+        if device.type == "cpu":
+            device = torch.device("cpu")  # "cpu:0" is the same device, and safetensors knows it only as "cpu"
+        dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if dtype not in (None, *DTYPES.values()):
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or their torch dtypes, got {dtype!r}")
         tokenizer = load_tokenizer(folder / "tokenizer.model", config, source=str(folder / "tokenizer.model"))
         dtype = run_dtype(MirageTransformer, dtype or default_dtype(device), device)
         return cls(folder, config, tokenizer, device, dtype, offload, keep_text_encoder, compile, cuda_graph)
@@ -329,6 +343,8 @@ class MiragePipeline:
     ):
         """Text embeddings [2N or N, L, D] and mask [2N or N, L] for the batch [uncond images; cond images]
         (uncond only with guidance)."""
+        check_given(prompt_embeds, "prompt_embeds")
+        check_given(negative_prompt_embeds, "negative_prompt_embeds")
         if prompt_embeds is None:
             texts = (negative_prompt if guidance else []) + prompt  # negatives first, as the reference batches them
             embeds, mask = self.encode_prompts(texts, skip_text_cleaning)
@@ -356,6 +372,8 @@ class MiragePipeline:
             shapes = f"{tuple(mask.shape)} for embeddings {tuple(embeds.shape)}"
             raise ValueError(f"a text mask of shape {shapes}: a mask is [B, L] for embeddings [B, L, D]")
         embeds, mask = embeds.to(self.device, self.dtype), mask.to(self.device, torch.bool)
+        if embeds.dtype == torch.float16:  # the text encoder ran in a wider dtype: its output may exceed fp16's range
+            check_finite(embeds, "the text embeddings, cast to the transformer's dtype,")
         k = num_images_per_prompt
         return embeds.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
 
@@ -388,11 +406,12 @@ class MiragePipeline:
         Returns a list of PIL images ("pil"), an array [N, H, W, 3] in [0, 1] ("np"), a tensor [N, 3, H, W] in
         [0, 1] ("pt") or the final latents [N, C, h, w] at the binned size ("latent"). Unset sampling
         settings come from the checkpoint's config. `seed` draws the initial noise on the CPU in one draw
-        for the whole batch, so a seed gives the same picture on every device; a list of N seeds draws each
-        image's noise alone, exactly as a one-image call with that seed would, so a batch equals its images
-        made one at a time; `generator` or `latents` may be given instead. `callback(step, sigma, latents,
-        velocity)` runs at every step before its update: `latents` are x at `sigma` and `velocity` the guided
-        v, so the model's predicted clean latents are x0 = latents - sigma * velocity.
+        for the whole batch, so a seed gives the same noise on every device; a list of N seeds draws each
+        image's noise alone, exactly as a one-image call with that seed would, so a batch makes the images of
+        one-at-a-time calls (to float rounding: batched kernels may round differently, ~1e-6); `generator` or
+        `latents` may be given instead. `callback(step, sigma, latents, velocity)` runs at every step before its
+        update: `latents` are x at `sigma` and `velocity` the guided v, so the model's predicted clean latents
+        are x0 = latents - sigma * velocity.
         """
         sampling = self.config.sampling
         steps = sampling.num_inference_steps if num_inference_steps is None else num_inference_steps
@@ -424,7 +443,8 @@ class MiragePipeline:
                 )  # fmt: skip
             finally:
                 self.denoising = False
-        check_finite(latents, "the transformer's latents")
+        check_finite(latents, "the transformer's latents", "the weights (convert the checkpoint again) and any huge "
+                     "guidance or LoRA scale")  # fmt: skip
         if output_type == "latent":
             return latents
         with self.running("vae") as vae:
@@ -447,6 +467,7 @@ class MiragePipeline:
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
+            check_given(latents, "latents")
             return latents.to(self.device, self.dtype)
         if isinstance(seed, (list, tuple)):
             if len(seed) != n:

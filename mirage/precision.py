@@ -4,8 +4,9 @@
   activations) and both VAEs (see each module's docstring for the evidence). They run in bfloat16,
   float32's range at float16's size, or in float32 where the device has no native bfloat16. The
   transformer runs in float16 when asked.
-- bfloat16 on a device without native bfloat16 kernels becomes float32: there (AVX2-only CPUs) PyTorch
-  runs bf16 matrix products and convolutions on reference paths, measured 100-200x slower than fp32.
+- bfloat16 or float16 on a device without native kernels for it becomes float32: there (AVX2-only CPUs)
+  PyTorch runs half-precision matrix products and convolutions on reference paths, measured 100-200x
+  slower than fp32 for bf16, and a full-width transformer block 3x slower in fp16.
 Every change is logged in one line, once per process.
 """
 
@@ -25,12 +26,16 @@ def run_dtype(model_class: type, requested: torch.dtype, device: str | torch.dev
     if requested == torch.float16 and not model_class.fp16_safe:
         dtype = torch.bfloat16 if native_bf16(device) else torch.float32
         reason = "its activations overflow float16"
-    elif requested == torch.bfloat16 and not native_bf16(device):
-        dtype, reason = torch.float32, f"no native bfloat16 kernels on this {device.type}"
+    elif not native(requested, device):
+        dtype, reason = torch.float32, f"no native {_name(requested)} kernels on this {device.type}"
     else:
         return requested
-    _log_once(f"running {model_class.__name__} in {str(dtype).removeprefix('torch.')}: {reason}")
+    _log_once(f"running {model_class.__name__} in {_name(dtype)}: {reason}")
     return dtype
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @functools.cache
@@ -39,10 +44,26 @@ def _log_once(message: str) -> None:
     log.warning(message)
 
 
+def native(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether matrix products and convolutions in `dtype` run on fast kernels on this device (float32's always do)."""
+    if dtype == torch.bfloat16:
+        return native_bf16(device)
+    if dtype == torch.float16:
+        return native_fp16(device)
+    return True
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether bfloat16 matrix products and convolutions run on fast native kernels on this device."""
     if device.type == "cpu":
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 kernels: AVX-512 CPUs on
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and later
+    if device.type == "cuda":  # Ampere and later; asked of this device, where is_bf16_supported asks the current one
+        return torch.cuda.get_device_properties(device).major >= 8
     return device.type == "mps"
+
+
+def native_fp16(device: torch.device) -> bool:
+    """Whether float16 matrix products and convolutions run on fast native kernels on this device."""
+    if device.type == "cpu":
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()  # oneDNN's fp16 kernels: AVX-512-FP16 or AMX-FP16 CPUs
+    return device.type in ("cuda", "mps")

@@ -1,6 +1,8 @@
 """convert_weights.py on every source format it reads, and on bad input."""
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +58,7 @@ def test_diffusers_layout_converts_every_tensor_unchanged(request, vae):
     assert config.vae_type == {"flux": "flux", "dcae": "dc-ae"}[vae]
     assert config.transformer == TransformerConfig.from_diffusers(transformer)
     assert (config.sampling.shift, config.sampling.default_sample_size) == (2.5, 256)  # read, not defaulted
-    assert (config.sampling.num_inference_steps, config.sampling.guidance_scale) == (28, 4.0)
+    assert (config.sampling.num_inference_steps, config.sampling.guidance_scale) == (28, 5.0)  # Photoroom's cfg
 
 
 # Photoroom's training codebase names, per REFERENCE.md (the RMSNorm weight is called `scale` there).
@@ -313,3 +315,146 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"convert_weights.py: error: {tmp_path / 'nowhere'} does not exist"]
     assert not (tmp_path / "out").exists()
+
+
+# ---- where the parts come from; sampling defaults ------------------------------------------------
+
+
+def test_a_part_flag_may_name_another_pipeline(prx_flux, prx_dcae, tmp_path, monkeypatch):
+    """--vae/--transformer given a pipeline read its subfolder, and SRC's model_index.json does not judge them;
+    a Hub id downloads only that part (FLUX.1-dev's vae/, not its 23 GB transformer)."""
+    convert(prx_flux, tmp_path / "a", "--vae", prx_dcae, "--transformer", prx_dcae / "transformer")
+    assert config_of(tmp_path / "a").vae_type == "dc-ae"
+    asked = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked[repo_id] = allow_patterns
+        return str(prx_dcae)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    convert(prx_flux, tmp_path / "b", "--vae", "black-forest-labs/FLUX.1-dev", "--transformer", "someone/prx-dc-ae")
+    assert_same_tensors(converted(tmp_path / "b", "vae"), converted(tmp_path / "a", "vae"))
+    flux_repo = ["flux1-dev.safetensors", "ae.safetensors", "model_index.json", "vae/config.json",
+                 "vae/diffusion_pytorch_model.safetensors",
+                 "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+                 "text_encoder_2/model-00001-of-00002.safetensors"]  # fmt: skip
+    patterns = asked["black-forest-labs/FLUX.1-dev"]
+    fetched = list(huggingface_hub.utils.filter_repo_objects(flux_repo, allow_patterns=patterns))
+    assert fetched == ["model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+
+
+def test_variant_files_are_read_with_variant(prx_flux, tmp_path):
+    src = broken_copy(prx_flux, tmp_path, lambda f: (f / "vae/diffusion_pytorch_model.safetensors").rename(
+        f / "vae/diffusion_pytorch_model.fp16.safetensors"))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"holds no diffusion_pytorch_model\.safetensors .*only the variants "
+                                              r"fp16: pass --variant NAME"):
+        convert(src, tmp_path / "out")
+    convert(src, tmp_path / "out", "--variant", "fp16")  # the other parts have no fp16 files: their plain ones
+    original = load_file(prx_flux / "vae/diffusion_pytorch_model.safetensors")
+    assert_same_tensors(converted(tmp_path / "out", "vae"), original)
+
+
+def test_distilled_is_read_from_the_checkpoint_name_only(prx_flux, tmp_path, capsys):
+    base = shutil.copytree(prx_flux, tmp_path / "not-distilled-yet" / "prx-512-t2i-sft")
+    convert(base, tmp_path / "a")
+    sampling = config_of(tmp_path / "a").sampling
+    assert (sampling.num_inference_steps, sampling.guidance_scale) == (28, 5.0)
+    distilled = shutil.copytree(prx_flux, tmp_path / "prx-512-t2i-sft-distilled")
+    convert(prx_flux, tmp_path / "b", "--transformer", distilled / "transformer")
+    sampling = config_of(tmp_path / "b").sampling
+    assert (sampling.num_inference_steps, sampling.guidance_scale) == (8, 1.0)
+    note = "(distilled, by the name prx-512-t2i-sft-distilled: --steps and --guidance set others)"
+    assert note in capsys.readouterr().out
+
+
+def test_original_codebase_mlp_width_survives_the_ratio():
+    """The MLP width is int(hidden * ratio); for 352 -> 480, 480 / 352 rounds so that int() gives 479."""
+    meta = {"device": "meta"}
+    weights = {"img_in.weight": torch.empty(352, 64, **meta), "txt_in.weight": torch.empty(352, 96, **meta),
+               "blocks.0.attention.norm_q.weight": torch.empty(32, **meta),
+               "blocks.0.gate_proj.weight": torch.empty(480, 352, **meta)}  # fmt: skip
+    assert int(352 * (480 / 352)) == 479
+    config = convert_weights.infer_transformer_config(weights, latent_channels=16)
+    assert int(config.hidden_size * config.mlp_ratio) == 480
+
+
+# ---- whatever stops a conversion, OUT is whole ----------------------------------------------------
+
+
+STOPPED_WRITE = """
+import os, runpy, signal, sys
+import safetensors.torch
+from safetensors import SafetensorError
+
+def save_file(*args, **kwargs):  # stands in for the write that the machine stops
+    if how == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    raise {"memory": MemoryError(), "disk": SafetensorError("I/O error: No space left on device (os error 28)")}[how]
+
+safetensors.torch.save_file = save_file
+convert, src, out, how = sys.argv[1:]
+sys.argv = [convert, src, out, "--force"]
+runpy.run_path(convert, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("sigterm", "convert_weights.py: interrupted: nothing was half-written"),
+        ("memory", "convert_weights.py: error: out of memory: close other programs, or convert on a larger machine"),
+        ("disk", r"convert_weights.py: error: writing .*out failed \(I/O error: No space left on device "
+                 r"\(os error 28\)\): free some disk space, or choose another OUT"),
+    ],
+)  # fmt: skip
+def test_a_stopped_write_is_one_line_and_leaves_the_old_checkpoint(prx_flux, mirage_flux, tmp_path, how, message):
+    out = shutil.copytree(mirage_flux, tmp_path / "out")
+    result = subprocess.run([sys.executable, "-c", STOPPED_WRITE, ROOT / "convert_weights.py", prx_flux, out, how],
+                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(message, lines[0]), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+    assert_same_tensors(converted(out, "transformer"), converted(mirage_flux, "transformer"))
+
+
+def test_swap_in_puts_the_old_checkpoint_back_if_the_rename_fails(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    with pytest.raises(FileNotFoundError):
+        convert_weights.swap_in(tmp_path / "vanished", out, tmp_path / ".out.old-1")
+    assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_leftovers_of_killed_conversions_are_removed(prx_flux, tmp_path, monkeypatch):
+    """SIGKILL leaves .NAME.tmp-PID: the next conversion to NAME removes those of processes gone (and its own
+    PID's, which a container reuses), not those of conversions still running; sample.py never takes them."""
+    import sample
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    weights = tmp_path / "weights"
+    for name in (f".prx.tmp-{gone.pid}", f".prx.old-{gone.pid}", f".prx.tmp-{os.getpid()}", f".prx.tmp-{os.getppid()}",
+                 f".other.tmp-{gone.pid}"):  # fmt: skip
+        (weights / name).mkdir(parents=True)
+    convert(prx_flux, weights / "prx")
+    assert sorted(p.name for p in weights.iterdir()) == [f".other.tmp-{gone.pid}", f".prx.tmp-{os.getppid()}", "prx"]
+    monkeypatch.setattr(sample, "WEIGHTS_DIR", weights)
+    assert sample.find_weights(None) == weights / "prx"
+
+
+def test_a_source_inside_out_is_refused_before_reading(prx_flux, mirage_flux, tmp_path):
+    out = shutil.copytree(mirage_flux, tmp_path / "out")
+    download = shutil.copytree(prx_flux, out / "hf-download")
+    with pytest.raises(CheckpointError, match="hf-download lies inside .*out, which the conversion would replace"):
+        convert(download, out, "--force")
+    assert (download / "model_index.json").is_file()
+
+
+def test_a_forgotten_out_is_named(prx_flux):
+    result = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), str(prx_flux)], capture_output=True,
+                            text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"give SRC and OUT (only {prx_flux} was given), or OUT and the part flags")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import mirage.loading
 from mirage import memory, pipeline
 from mirage.loading import CheckpointError, loaded_bytes, read_safetensors
 from mirage.pipeline import MiragePipeline
@@ -253,6 +254,20 @@ def test_converting_read_equals_the_mapped_read(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])  # truncated data
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         read_safetensors(path, dtype=torch.float32)
+
+
+def test_a_file_that_cannot_be_mapped_is_blamed_on_memory_not_on_the_file(tmp_path, monkeypatch):
+    """safe_open maps the file; where the memory limit refuses that, converting the checkpoint again will not help."""
+    path = tmp_path / "a.safetensors"
+    save_file({"a": torch.zeros(2)}, path)
+
+    def refused(*args, **kwargs):  # what safe_open raises under `ulimit -v`
+        raise RuntimeError(f"unable to mmap 51297432 bytes from file <{path}>: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(mirage.loading, "safe_open", refused)
+    with pytest.raises(CheckpointError, match=r"a\.safetensors could not be mapped into memory \(unable to mmap .*\): "
+                                              r"free memory and try again$"):
+        read_safetensors(path)
 
 
 # The peak RSS of this process image; not ru_maxrss, which a child starts with the RSS of the parent it forked from.

@@ -2,6 +2,8 @@
 diffusers' PRXPipeline on the original folder, for the same seed, and is right where diffusers is wrong."""
 
 import json
+import logging
+import re
 import shutil
 
 import numpy as np
@@ -11,6 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from mirage import pipeline, precision
 from mirage.loading import CheckpointError
 from mirage.pipeline import MiragePipeline, check_device, check_finite, nearest_bin, resize_and_crop
 from parity import max_rel_err
@@ -69,8 +72,9 @@ def test_images_and_latents_match_reference(request, vae, guidance):
 def test_non_square_request_with_binning(ref_flux, ours_flux):
     """200x300 is generated at the nearest 256 bin (192x320) and resized and cropped back."""
     assert nearest_bin(200, 300, 256) == (192, 320)
-    expected = reference(ref_flux, PROMPTS[1], height=200, width=300, output_type="pt")
-    images = ours(ours_flux, PROMPTS[1], height=200, width=300, output_type="pt")
+    kwargs = dict(height=200, width=300, guidance_scale=5.0)  # the defaults differ: diffusers' is 4
+    expected = reference(ref_flux, PROMPTS[1], output_type="pt", **kwargs)
+    images = ours(ours_flux, PROMPTS[1], output_type="pt", **kwargs)
     assert images.shape == expected.shape == (1, 3, 200, 300)
     assert (images - expected).abs().max().item() <= IMAGE_TOL
     latents = ours(ours_flux, PROMPTS[1], height=200, width=300, output_type="latent")
@@ -186,9 +190,11 @@ def test_precomputed_embeddings_equal_the_prompt_path(ours_flux):
         ours_flux(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds, progress=False)
 
 
-def test_given_embeddings_and_masks_may_live_on_any_device(mirage_flux):
+def test_given_embeddings_and_masks_may_live_on_any_device(mirage_flux, monkeypatch):
     # A negative prompt's embeddings from encode_prompts (on the GPU) beside a prompt's made on the CPU without a
-    # mask: each is moved to the pipeline's device before they are joined. The meta device stands in for a GPU.
+    # mask: each is moved to the pipeline's device before they are joined. The meta device stands in for a GPU
+    # (it holds no values, so given tensors cannot be checked for inf/NaN there).
+    monkeypatch.setattr(pipeline, "check_given", lambda tensor, name: None)
     pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
     pipe.device = meta = torch.device("meta")
     width = pipe.config.transformer.context_in_dim
@@ -279,16 +285,62 @@ def test_devices_this_torch_cannot_use_are_refused(monkeypatch):
 @pytest.mark.parametrize(
     "dtype, advice",
     [
-        (torch.float16, "in float16: run it in bf16 or fp32 \\(--dtype\\)$"),
-        (torch.bfloat16, "in bfloat16: run it in fp32 \\(--dtype fp32\\)$"),
-        (torch.float32, "in float32: check the weights \\(convert the checkpoint again\\) and lower any huge guidance"),
+        (torch.float16, "in float16: run it in bf16 or fp32 \\(--dtype\\), or check the weights \\(convert the "
+                        "checkpoint again\\)$"),
+        (torch.bfloat16, "in bfloat16: run it in fp32 \\(--dtype fp32\\), or check the weights"),
+        (torch.float32, "in float32: check the weights \\(convert the checkpoint again\\)$"),
     ],
-)
+)  # fmt: skip
 def test_inf_or_nan_names_the_model_and_what_to_try(dtype, advice):
     check_finite(torch.ones(3, dtype=dtype), "the VAE's images")
     for bad in (float("nan"), float("inf")):
         with pytest.raises(FloatingPointError, match="^the VAE's images hold inf/NaN " + advice):
             check_finite(torch.tensor([0.0, bad], dtype=dtype), "the VAE's images")
+
+
+def test_inf_or_nan_in_given_inputs_is_blamed_on_them(ours_flux):
+    kwargs = dict(num_inference_steps=1, height=64, width=64, use_resolution_binning=False, progress=False)
+    noise = torch.zeros(1, 16, 8, 8)
+    noise[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="^the given latents hold inf/NaN: pass finite values$"):
+        ours_flux("a cat", latents=noise, **kwargs)
+    embeds = torch.zeros(1, 4, ours_flux.config.transformer.context_in_dim)
+    embeds[0, 1, 2] = float("inf")
+    with pytest.raises(ValueError, match="^the given prompt_embeds hold inf/NaN"):
+        ours_flux(prompt_embeds=embeds, guidance_scale=1.0, **kwargs)
+    with pytest.raises(ValueError, match="^the given negative_prompt_embeds hold inf/NaN"):
+        ours_flux(prompt_embeds=embeds.nan_to_num(), negative_prompt_embeds=embeds, **kwargs)
+
+
+def test_embeddings_beyond_float16_are_caught_where_they_are_cast(mirage_flux, monkeypatch):
+    """The text encoder never runs in fp16: its output can exceed fp16's range only when cast for the transformer."""
+    monkeypatch.setattr(precision, "native_fp16", lambda device: True)  # an fp16 transformer, as on a GPU
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", dtype="fp16")
+    assert pipe.dtype == torch.float16
+    embeds = torch.full((1, 4, pipe.config.transformer.context_in_dim), 1e5)  # finite in fp32, inf in fp16
+    with pytest.raises(FloatingPointError, match="^the text embeddings, cast to the transformer's dtype, hold inf/NaN "
+                                                 "in float16: run it in bf16 or fp32"):
+        pipe(prompt_embeds=embeds, guidance_scale=1.0, num_inference_steps=1, height=64, width=64, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, "fp64", "float16"])
+def test_only_the_three_dtypes_are_taken(mirage_flux, dtype):
+    expected = f"^dtype must be one of fp32, bf16, fp16 or their torch dtypes, got {re.escape(repr(dtype))}$"
+    with pytest.raises(ValueError, match=expected):
+        MiragePipeline.from_pretrained(mirage_flux, device="cpu", dtype=dtype)
+    assert MiragePipeline.from_pretrained(mirage_flux, device="cpu", dtype="fp32").dtype == torch.float32
+
+
+def test_cpu_0_is_the_cpu(mirage_flux):
+    """safetensors takes "cpu", not "cpu:0": the weights load whatever the spelling."""
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu:0")
+    assert pipe.device == torch.device("cpu") and pipe.transformer.txt_in.weight.device.type == "cpu"
+
+
+def test_offload_on_the_cpu_says_it_does_nothing(mirage_flux, caplog):
+    with caplog.at_level(logging.WARNING, logger="mirage"):
+        MiragePipeline.from_pretrained(mirage_flux, device="cpu", offload="model")
+    assert "offload='model' does nothing on the CPU: the models are in CPU memory already" in caplog.messages
 
 
 def test_nan_weights_stop_the_pipeline_naming_the_model(mirage_flux, tmp_path):

@@ -1,6 +1,7 @@
-"""The dtype policy: float16 only for fp16-safe models, float32 where bfloat16 has no native kernels."""
+"""The dtype policy: float16 only for fp16-safe models, float32 where bfloat16 or float16 has no native kernels."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mirage.vae_flux import FluxVAE
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_policy(native_bf16, monkeypatch, caplog):
     monkeypatch.setattr(precision, "native_bf16", lambda device: native_bf16)
+    monkeypatch.setattr(precision, "native_fp16", lambda device: True)
     precision._log_once.cache_clear()  # an earlier test may have logged these already
     half_fallback = torch.bfloat16 if native_bf16 else torch.float32
     with caplog.at_level(logging.WARNING, logger="mirage"):
@@ -40,3 +42,22 @@ def test_policy(native_bf16, monkeypatch, caplog):
 def test_native_bf16_is_known_per_device():
     assert precision.native_bf16(torch.device("meta")) is False
     assert isinstance(precision.native_bf16(torch.device("cpu")), bool)
+
+
+def test_float16_without_native_kernels_runs_float32(monkeypatch, caplog):
+    """AVX2 CPUs: PyTorch's fp16 products there run on slow reference paths (a full-width block 3x fp32's time)."""
+    monkeypatch.setattr(precision, "native_fp16", lambda device: False)
+    precision._log_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="mirage"):
+        assert run_dtype(MirageTransformer, torch.float16, "cpu") == torch.float32
+    assert caplog.messages == ["running MirageTransformer in float32: no native float16 kernels on this cpu"]
+
+
+def test_native_bf16_asks_the_cuda_device_named(monkeypatch):
+    """cuda:1 may be a T4 (compute capability 7.5) beside an A100 as cuda:0, the current device."""
+    majors = {0: 8, 1: 7}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(major=majors[torch.device(device).index or 0]))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # the current one's
+    assert precision.native_bf16(torch.device("cuda:0")) and not precision.native_bf16(torch.device("cuda:1"))

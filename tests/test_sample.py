@@ -123,3 +123,32 @@ import mirage.pipeline  # what sample.py imports once its flags are checked
     run = subprocess.run([sys.executable, "-c", watch], cwd=ROOT, env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.stdout == "torch imported with THP_MEM_ALLOC_ENABLE = 0\n"  # the environment's own choice stays
+
+
+INTERRUPTED = """
+import runpy, sys
+from mirage.pipeline import MiragePipeline
+
+def interrupted(*args, **kwargs):  # Ctrl-C while the images are made
+    raise {"ctrl-c": KeyboardInterrupt, "memory": MemoryError}[how]
+
+MiragePipeline.__call__ = interrupted
+how, sys.argv = sys.argv[1], sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("ctrl-c", "sample.py: interrupted: images finished so far are written, none half-written"),
+        ("memory", "sample.py: error: out of memory: try a smaller --height/--width or --batch-size"),
+    ],
+)
+def test_ctrl_c_and_out_of_memory_are_one_line(mirage_flux, tmp_path, how, message):
+    result = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED, how, ROOT / "sample.py", "--prompt", "a cat", "--weights", mirage_flux],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [message], result.stderr
+    assert not (tmp_path / "outputs").exists()
