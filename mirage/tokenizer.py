@@ -2,10 +2,11 @@
 
 Follows transformers 5's `GemmaTokenizer` as PRX's pipeline calls it: BPE with byte fallback, spaces
 become "▁" and nothing else is normalised, no dummy prefix; "<bos>" first (as the config says),
-truncation keeps the special tokens and as many text tokens as fit in max_length, padding on the configured side (left by
-default) with an attention mask. Special-token literals typed in a prompt ("<bos>", "<pad>",
-"<mask>", any control or user-defined piece of the model) become their ids, as transformers' added
-tokens do. Built on `sentencepiece` and a `tokenizer.model`, whose BPE reproduces transformers' ids.
+truncation keeps the special tokens and as many text tokens as fit in max_length, padding on the
+configured side (left by default) with an attention mask. Special-token literals typed in a prompt
+("<bos>", "<pad>", "<mask>", any control or user-defined piece of the model) become their ids, as
+transformers' added tokens do. Built on `sentencepiece` and a `tokenizer.model`, whose BPE reproduces
+transformers' ids once its user-defined pieces are made normal ones (`_user_defined_as_normal`).
 
 A folder saved by transformers 5 has only `tokenizer.json`: `sentencepiece_model_from_tokenizer_json`
 rebuilds the `tokenizer.model` from it, writing the few protobuf fields SentencePiece reads by hand
@@ -30,19 +31,21 @@ class GemmaTokenizer:
         proto = model_file if isinstance(model_file, bytes) else Path(model_file).read_bytes()
         self.config = config
         try:
-            self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+            sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
         except RuntimeError as err:  # sentencepiece reports an unparsable model as an INTERNAL error
             raise ValueError(f"not a SentencePiece model ({err})") from None
-        _check_gemma_normalizer(self._sp)
+        _check_gemma_normalizer(sp)
+        typed = _typed_pieces(proto)  # SentencePiece's Python API does not say which pieces are user-defined
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=_user_defined_as_normal(proto, typed, sp))
         self.bos_id, self.eos_id, self.pad_id = (
             self._piece_id(token) for token in (config.bos_token, config.eos_token, config.pad_token)
         )
-        # SentencePiece spells out control and unknown pieces typed in the text, where transformers
-        # matches them as added tokens; user-defined pieces (<mask>, ...) it already keeps whole.
-        sp = self._sp
-        self._literal_ids = {
-            sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)
-        }
+        # transformers finds control, unknown and user-defined pieces in the text as typed (added tokens);
+        # SentencePiece spells out the first two, and would find the last after turning spaces into "▁" (in
+        # "a ▁▁b", "▁▁▁" where transformers takes "▁" and the typed "▁▁"). So all three are found here, and
+        # SentencePiece encodes what lies between them.
+        added = (_CONTROL, _UNKNOWN, _USER_DEFINED)
+        self._literal_ids = {sp.id_to_piece(i): i for i, (_, _, kind) in typed.items() if kind in added}
         longest_first = sorted(self._literal_ids, key=len, reverse=True)  # leftmost-longest, as transformers
         self._literals = re.compile("|".join(map(re.escape, longest_first)))
 
@@ -120,6 +123,104 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 _NEEDS_TOKENIZER_MODEL = "pass --tokenizer with a folder that has tokenizer.model"
 
 
+def _typed_pieces(proto: bytes) -> dict[int, tuple[int, int, int]]:
+    """{id: (start, end, type)} of the field of each piece of a serialized ModelProto that is not a normal one."""
+    typed, piece_id, start = {}, 0, 0
+    while start < len(proto):
+        key, size, at = proto[start], proto[start + 1], start + 2  # nearly always: one-byte key, one-byte length
+        if key >= 0x80 or size >= 0x80:
+            key, at = _read_varint(proto, start)
+            size, at = _read_varint(proto, at)  # every field of a ModelProto is a message (length-delimited)
+        if key >> 3 == _MODEL_PIECES:
+            kind = _piece_type(proto, at, at + size)
+            if kind != _NORMAL:
+                typed[piece_id] = (start, at + size, kind)
+            piece_id += 1
+        start = at + size
+    return typed
+
+
+def _piece_type(proto: bytes, at: int, end: int) -> int:
+    """The type of the piece message proto[at:end]. SentencePiece writes its text (field 1), score (field 2, four
+    bytes), then type (field 3) unless normal: read so where the text is shorter than 128 bytes (Gemma's 256,000
+    pieces in ~0.3 s), field by field otherwise."""
+    plain = 2 + proto[at + 1] + 5  # key and length of the text, the text; key and score
+    if proto[at] == 0x0A and proto[at + 1] < 0x80 and proto[at + plain - 5] == 0x15 and end - at in (plain, plain + 2):
+        return proto[end - 1] if end - at == plain + 2 else _NORMAL
+    return dict(_fields(proto[at:end])).get(_PIECE_TYPE, _NORMAL)
+
+
+def _fields(data: bytes):
+    """(number, value) of each field of a protobuf message: the value is an int (varint) or bytes."""
+    at = 0
+    while at < len(data):
+        key, at = _read_varint(data, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _read_varint(data, at)
+        else:
+            size, at = ({1: 8, 5: 4}[wire], at) if wire in (1, 5) else _read_varint(data, at)  # else: 2, length first
+            value, at = data[at : at + size], at + size
+        yield number, value
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def _user_defined_as_normal(
+    proto: bytes, typed: dict[int, tuple[int, int, int]], sp: sentencepiece.SentencePieceProcessor
+) -> bytes:
+    """The model with its user-defined pieces made normal ones, scored to take their place by id among them.
+
+    transformers gives user-defined pieces two parts: added tokens, found in the text as typed (see `encode`),
+    and BPE pieces like any other, its merges ranked by the id of the piece they make. So 32 spaces are two
+    16-space pieces there (no merge makes 32), where SentencePiece takes its longest user-defined run of 31,
+    then "▁" + what follows. SentencePiece merges the highest score first, and a trained model's scores fall
+    with the id: a user-defined piece (scored 0 by SentencePiece's trainer) gets a score between those of the
+    normal pieces before and after it (Gemma's all come first: above every normal piece). One rebuilt from a
+    tokenizer.json already has the score of its rank there (`_merge_scores`), and keeps it."""
+
+    def normal_piece(i: int, step: int) -> int | None:  # the nearest normal piece before (-1) or after (+1) id i
+        i += step
+        while i in typed:
+            i += step
+        return i if 0 <= i < sp.get_piece_size() else None
+
+    scores, unscored = {}, {}  # {id: score}; {(normal piece before, after): [ids between them]}
+    for i in sorted(i for i, (_, _, kind) in typed.items() if kind == _USER_DEFINED):
+        if sp.get_score(i) != 0:
+            scores[i] = sp.get_score(i)
+        else:
+            unscored.setdefault((normal_piece(i, -1), normal_piece(i, 1)), []).append(i)
+    for (before, after), run in unscored.items():
+        before, after = (None if j is None else sp.get_score(j) for j in (before, after))
+        scores.update((i, _between(before, after, k, len(run))) for k, i in enumerate(run))
+    parts, at = [], 0
+    for i in sorted(scores):
+        start, end, _ = typed[i]
+        parts += [proto[at:start], _bytes_field(_MODEL_PIECES, _piece_message(sp.id_to_piece(i), scores[i], _NORMAL))]
+        at = end
+    return b"".join([*parts, proto[at:]])
+
+
+def _between(before: float | None, after: float | None, k: int, n: int) -> float:
+    """The score of the k-th of n pieces placed in order between the scores `before` and `after` (None: none)."""
+    if before is None:
+        return (0.0 if after is None else after) + n - k
+    if after is None:
+        return before - 1 - k
+    return before - (before - after) * (k + 1) / (n + 1)
+
+
+
+
 def _varint(value: int) -> bytes:
     value &= (1 << 64) - 1  # protobuf writes a negative int32 (an absent id, -1) as 64-bit two's complement
     out = bytearray()
@@ -149,7 +250,7 @@ def sentencepiece_model_from_tokenizer_json(tokenizer_json: dict) -> bytes:
     the file (it rebuilds normaliser, pre-tokenizer and byte fallback itself); so do we. Its BPE merges
     the adjacent pair listed first in `merges`; SentencePiece's merges the pair whose joined piece has
     the highest score, leftmost first. They agree when every pair of symbols that joins into a piece is
-    a listed merge and the merges into one piece are listed together: a piece's score is then minus
+    a listed merge and the merges into one piece are listed together: a piece's score then falls with
     the rank of its group. Files that break this raise ValueError."""
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE":
@@ -235,7 +336,8 @@ def _piece_types(pieces: list[str], added_tokens: list[dict], unk_token: str) ->
 
 
 def _merge_scores(merges: list[tuple], vocab: dict[str, int], types: list[int]) -> dict[str, float]:
-    """Score of each merged piece: minus the rank of its group of merges, which must be contiguous."""
+    """Score of each merged piece: -1 - the rank of its group of merges, which must be contiguous (never 0, which
+    marks a user-defined piece without a rank: see `_user_defined_as_normal`)."""
     scores: dict[str, float] = {}
     previous = None
     for merge in merges:
@@ -247,7 +349,7 @@ def _merge_scores(merges: list[tuple], vocab: dict[str, int], types: list[int]) 
         if joined != previous:
             if joined in scores:  # a later group for the same piece: no single score orders it
                 raise ValueError(f"the merges into {joined!r} are not listed together: {_NEEDS_TOKENIZER_MODEL}")
-            scores[joined] = float(-len(scores))
+            scores[joined] = float(-1 - len(scores))
         previous = joined
     return scores
 
@@ -256,9 +358,10 @@ def _check_merges_complete(pieces: list[str], types: list[int], merges: set[tupl
     """SentencePiece joins any two adjacent symbols that form a normal piece; transformers only listed
     pairs. Symbols are normal pieces or single characters (out-of-vocabulary ones included: transformers
     turns those into bytes at once, SentencePiece only after merging), so every such split of a normal
-    piece must be a listed merge."""
-    normal = {p for p, t in zip(pieces, types) if t == _NORMAL}
-    whole = {p for p, t in zip(pieces, types) if t != _NORMAL}  # never merged: split out, or bytes
+    piece must be a listed merge. User-defined pieces with a "▁" count as normal: GemmaTokenizer makes them
+    normal, and spaces typed in the text can make them (other user-defined pieces are found as typed)."""
+    normal = {p for p, t in zip(pieces, types) if t == _NORMAL or (t == _USER_DEFINED and "▁" in p)}
+    whole = set(pieces) - normal  # never merged: split out, or bytes
 
     def symbol(s: str) -> bool:
         return s in normal or (len(s) == 1 and s not in whole)

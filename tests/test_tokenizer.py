@@ -129,6 +129,29 @@ def test_random_texts_match_reference(prx_pair):
     assert_same_tokens(*prx_pair, random_texts(seed=0, count=400), max_length=48)
 
 
+def test_user_defined_space_runs_are_both_typed_tokens_and_bpe_pieces(tmp_path):
+    """transformers finds user-defined pieces (Gemma's space runs "▁▁", "▁▁▁", ... among them) in the text as typed
+    ("a ▁▁b": a, ▁, ▁▁, b), and its BPE merges spaces into them by id (4 spaces: ▁▁ twice, no ▁▁▁▁ piece here).
+    SentencePiece alone would find them after turning spaces into "▁" (a, ▁▁▁, b) and take the longest (▁▁▁, ▁)."""
+    model = train_sentencepiece(user_defined_symbols="<mask>,<start_of_turn>,▁▁,▁▁▁,<b>")
+    (tmp_path / "model").mkdir()
+    ref, ours = _with_config(tmp_path / "model", model)
+    assert ours.encode("a ▁▁b") == [ours._piece_id(p) for p in ("a", "▁", "▁▁", "b")]
+    assert ours.encode("a    b") == [ours._piece_id(p) for p in ("a", "▁▁", "▁▁", "b")]
+    texts = ["x ▁▁▁ y", "a  b", "a   b", "a     b", "▁▁▁▁", " ▁▁", "<b>bold</b> ▁▁", "▁ ▁▁ ▁▁▁", " " * 40]
+    assert_same_tokens(ref, ours, texts, max_length=48)
+    assert_same_tokens(ref, ours, random_texts(seed=3, count=300), max_length=48)
+    ref.save_pretrained(tmp_path / "json")  # transformers 5: tokenizer.json only; rebuilt, the same ids
+    tokenizer_json = _read_json(tmp_path / "json/tokenizer.json")
+    config = TokenizerConfig.from_tokenizer_config(_read_json(tmp_path / "json/tokenizer_config.json"), tokenizer_json)
+    rebuilt = GemmaTokenizer(sentencepiece_model_from_tokenizer_json(tokenizer_json), config)
+    assert_same_tokens(GemmaTokenizerFast.from_pretrained(tmp_path / "json"), rebuilt, texts, max_length=48)
+    merges = tokenizer_json["model"]["merges"]  # without the merge that makes "▁▁", transformers never makes it
+    merges.remove(next(m for m in merges if "".join(m) == "▁▁"))
+    with pytest.raises(ValueError, match="'▁' \\+ '▁' forms '▁▁' but is not a listed merge"):
+        sentencepiece_model_from_tokenizer_json(tokenizer_json)
+
+
 def test_right_padding_from_config(tmp_path, spm_model):
     ref, ours = _with_config(tmp_path, spm_model, padding_side="right")
     assert ours.config.padding_side == "right" and ref.padding_side == "right"
