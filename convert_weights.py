@@ -54,15 +54,20 @@ VAE_CLASS_NAMES = {"AutoencoderKL": "flux", "AutoencoderDC": "dc-ae"}
 # Distilled checkpoints ("distilled" in the name) sample in 8 steps without guidance; others take SamplingConfig's.
 DISTILLED_SAMPLING = {"num_inference_steps": 8, "guidance_scale": 1.0}
 
-# What a Hub download fetches (glob patterns): for SRC the parts of a pipeline; for a part flag that part's
-# subfolder of a pipeline repo (FLUX.1-dev's vae/, not its 23 GB transformer) or a repo that holds only the part.
-PIPELINE_FILES = ["model_index.json", "transformer/*", "text_encoder/*", "tokenizer/*", "vae/*", "scheduler/*"]
+# The files a conversion reads of each part, as glob patterns for a Hub download (whose * crosses folders).
+DIFFUSERS_FILES = [
+    "config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index*.json"
+]
 PART_FILES = {
-    "transformer": ["transformer/*", "*.json", "diffusion_pytorch_model*"],
-    "text_encoder": ["text_encoder/*", "*.json", "model*.safetensors"],
-    "tokenizer": ["tokenizer/*", "*.json", "tokenizer.model"],
-    "vae": ["vae/*", "*.json", "diffusion_pytorch_model*"],
+    "transformer": DIFFUSERS_FILES,
+    "text_encoder": ["config.json", "model*.safetensors", "model.safetensors.index*.json"],
+    "tokenizer": ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"],
+    "vae": DIFFUSERS_FILES,
 }
+# SRC: every part in its subfolder. A part flag: that part's subfolder of a pipeline (FLUX.1-dev's vae/, not its
+# 23 GB transformer), or the same files at the root of a repo that holds only the part.
+PIPELINE_FILES = ["model_index.json", "scheduler/scheduler_config.json",
+                  *(f"{part}/{name}" for part, names in PART_FILES.items() for name in names)]  # fmt: skip
 
 # Black Forest Labs' `ae.safetensors` (the original LDM naming) -> diffusers AutoencoderKL, per name part.
 BFL_VAE_RENAMES = {
@@ -137,15 +142,17 @@ def read_weights(path: Path, stem: str = "", variant: str | None = None) -> dict
     `{stem}.{variant}.safetensors` or `{stem}.safetensors.index.{variant}.json`."""
     if path.is_file():
         return read_weights_file(path)
-    for suffix in ([f".{variant}"] if variant else []) + [""]:
+    suffixes = ([f".{variant}"] if variant else []) + [""]
+    for suffix in suffixes:
         index = path / f"{stem}.safetensors.index{suffix}.json"
         if index.is_file():
             return read_shards(index)
         if (path / f"{stem}{suffix}.safetensors").is_file():
             return read_safetensors(path / f"{stem}{suffix}.safetensors")
+    files = " nor ".join(f"{stem}{suffix}.safetensors" for suffix in suffixes)
     found = variants(path, stem)
-    hint = f"only the variants {', '.join(found)}: pass --variant NAME" if found else "is it the right folder?"
-    raise CheckpointError(f"{path} holds no {stem}.safetensors (nor a sharded index): {hint}")
+    hint = f"its variants: {', '.join(found)} (--variant NAME)" if found else "is it the right folder?"
+    raise CheckpointError(f"{path} holds no {files} (nor a sharded index): {hint}")
 
 
 def read_shards(index: Path) -> dict[str, torch.Tensor]:
@@ -334,7 +341,8 @@ def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes]:
 
     def part(flag_value, subfolder):
         if flag_value:
-            path = resolve_source(flag_value, PART_FILES[subfolder])
+            names = PART_FILES[subfolder]
+            path = resolve_source(flag_value, ["model_index.json", *names, *(f"{subfolder}/{name}" for name in names)])
             pipeline = (path / "model_index.json").is_file() and (path / subfolder).is_dir()
             return path / subfolder if pipeline else path  # a pipeline given for one part: that part's folder
         if src is None or not (src / subfolder).exists():
@@ -368,10 +376,12 @@ def distilled_name(args) -> str | None:
     """The name that marks a distilled checkpoint ("distilled" in it, as Photoroom names them): SRC's, or the
     --transformer's (its folder's, if that is called transformer). Only these names: not the folders above."""
     for spec in filter(None, (args.src, args.transformer)):
-        path = Path(spec)
-        name = path.parent.name if path.name == "transformer" else path.name
-        if "distilled" in name:
-            return name
+        path = Path(spec).resolve() if Path(spec).exists() else Path(spec)  # "." has a name once resolved
+        path = path.parent if path.name == "transformer" else path
+        if path.parent.name == "snapshots":  # Hugging Face's cache: models--OWNER--NAME/snapshots/COMMIT
+            path = Path(path.parent.parent.name.split("--")[-1])
+        if "distilled" in path.name:
+            return path.name
     return None
 
 
@@ -430,14 +440,15 @@ def write_checkpoint(out: Path, config: MirageConfig, weights: dict, tokenizer_m
 
 def swap_in(new: Path, out: Path, old: Path) -> None:
     """Rename `new` to `out`. An existing `out` is renamed to `old` first, back if the swap fails, and deleted last:
-    at every moment `out` is the old checkpoint or the new one, never neither or a mix."""
+    `out` is the old checkpoint or the new one, never a mix, and missing only between the two renames (a kill
+    there leaves `old`, which the next conversion to `out` puts back: `remove_leftovers`)."""
     replacing = out.exists()
-    if replacing:
-        out.rename(old)
     try:
+        if replacing:
+            out.rename(old)
         new.rename(out)
     except BaseException:  # Ctrl-C included
-        if replacing:
+        if old.exists() and not out.exists():
             old.rename(out)
         raise
     if replacing:
@@ -449,11 +460,16 @@ def swap_in(new: Path, out: Path, old: Path) -> None:
 
 
 def remove_leftovers(out: Path) -> None:
-    """Delete the temporary folders that conversions to OUT killed outright (SIGKILL, power loss) left beside it:
-    those of processes gone, or of this process's PID (a container's PIDs repeat from one run to the next)."""
-    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+    """Clear what conversions to OUT killed outright (SIGKILL, power loss) left beside it, those of processes gone
+    or of this process's PID (a container's PIDs repeat from one run to the next): their temporary folders are
+    deleted; an old checkpoint renamed aside goes back to OUT if OUT is missing (see `swap_in`)."""
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
         kind, _, pid = path.name.removeprefix(f".{out.name}.").partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and (int(pid) == os.getpid() or not running(int(pid))):
+        if kind not in ("tmp", "old") or not pid.isdigit() or (int(pid) != os.getpid() and running(int(pid))):
+            continue
+        if kind == "old" and not out.exists():
+            path.rename(out)
+        else:
             shutil.rmtree(path, ignore_errors=True)
 
 

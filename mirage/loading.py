@@ -47,6 +47,8 @@ def read_safetensors(
         return _read_converted(path, data_start, header, torch.device(device), dtype)
     except (SafetensorError, OSError, ValueError, KeyError) as err:
         raise _unreadable(path, err) from None
+    except torch.OutOfMemoryError:
+        raise  # loading onto a GPU without room: torch's message says so
     except RuntimeError as err:  # safe_open could not map the file: out of memory or address space, not a bad file
         raise CheckpointError(f"{path} could not be mapped into memory ({err}): free memory and try again") from None
 

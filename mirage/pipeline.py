@@ -208,7 +208,7 @@ class MiragePipeline:
                     "CUDA graphs cannot replay sequential offload's weight moves: use offload='model' (--offload model)"
                 )
         if offload and device.type == "cpu":
-            log.warning(f"offload={offload!r} does nothing on the CPU: the models are in CPU memory already")
+            log.warning(f"offload={offload!r} saves no memory on the CPU: the models are in CPU memory already")
         if compile and offload == "sequential":
             raise ValueError(
                 "compiled code cannot take in sequential offload's weight moves (each one breaks the graph): "

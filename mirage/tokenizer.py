@@ -106,9 +106,9 @@ def _check_gemma_normalizer(sp: sentencepiece.SentencePieceProcessor) -> None:
         )
 
 
-# ---- tokenizer.json -> tokenizer.model ---------------------------------------------------------
+# ---- a tokenizer.model's protobuf: its pieces' types; its user-defined pieces made normal ------------
 
-# Field numbers of sentencepiece_model.proto written below.
+# Field numbers of sentencepiece_model.proto read and written below.
 _MODEL_PIECES, _MODEL_TRAINER_SPEC, _MODEL_NORMALIZER_SPEC = 1, 2, 3
 _PIECE_TEXT, _PIECE_SCORE, _PIECE_TYPE = 1, 2, 3
 _TRAINER_MODEL_TYPE, _TRAINER_VOCAB_SIZE, _TRAINER_BYTE_FALLBACK = 3, 4, 35
@@ -144,9 +144,10 @@ def _piece_type(proto: bytes, at: int, end: int) -> int:
     """The type of the piece message proto[at:end]. SentencePiece writes its text (field 1), score (field 2, four
     bytes), then type (field 3) unless normal: read so where the text is shorter than 128 bytes (Gemma's 256,000
     pieces in ~0.3 s), field by field otherwise."""
-    plain = 2 + proto[at + 1] + 5  # key and length of the text, the text; key and score
-    if proto[at] == 0x0A and proto[at + 1] < 0x80 and proto[at + plain - 5] == 0x15 and end - at in (plain, plain + 2):
-        return proto[end - 1] if end - at == plain + 2 else _NORMAL
+    text_length = proto[at + 1]
+    plain = 2 + text_length + 5  # the text's key, length and bytes; the score's key and four bytes
+    if end - at in (plain, plain + 2) and proto[at] == 0x0A and text_length < 0x80 and proto[at + plain - 5] == 0x15:
+        return proto[end - 1] if end - at == plain + 2 else _NORMAL  # then the type's key and value, or nothing
     return dict(_fields(proto[at:end])).get(_PIECE_TYPE, _NORMAL)
 
 
@@ -219,8 +220,6 @@ def _between(before: float | None, after: float | None, k: int, n: int) -> float
     return before - (before - after) * (k + 1) / (n + 1)
 
 
-
-
 def _varint(value: int) -> bytes:
     value &= (1 << 64) - 1  # protobuf writes a negative int32 (an absent id, -1) as 64-bit two's complement
     out = bytearray()
@@ -241,6 +240,9 @@ def _float_field(number: int, value: float) -> bytes:
 
 def _bytes_field(number: int, data: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(data)) + data  # wire type 2: length-delimited
+
+
+# ---- tokenizer.json -> tokenizer.model ---------------------------------------------------------
 
 
 def sentencepiece_model_from_tokenizer_json(tokenizer_json: dict) -> bytes:
@@ -358,8 +360,8 @@ def _check_merges_complete(pieces: list[str], types: list[int], merges: set[tupl
     """SentencePiece joins any two adjacent symbols that form a normal piece; transformers only listed
     pairs. Symbols are normal pieces or single characters (out-of-vocabulary ones included: transformers
     turns those into bytes at once, SentencePiece only after merging), so every such split of a normal
-    piece must be a listed merge. User-defined pieces with a "▁" count as normal: GemmaTokenizer makes them
-    normal, and spaces typed in the text can make them (other user-defined pieces are found as typed)."""
+    piece must be a listed merge. User-defined pieces with a "▁" count as normal: mirage makes them normal
+    (`_user_defined_as_normal`), and typed spaces can form them (others are only found as typed)."""
     normal = {p for p, t in zip(pieces, types) if t == _NORMAL or (t == _USER_DEFINED and "▁" in p)}
     whole = set(pieces) - normal  # never merged: split out, or bytes
 

@@ -334,21 +334,30 @@ def test_a_part_flag_may_name_another_pipeline(prx_flux, prx_dcae, tmp_path, mon
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     convert(prx_flux, tmp_path / "b", "--vae", "black-forest-labs/FLUX.1-dev", "--transformer", "someone/prx-dc-ae")
     assert_same_tensors(converted(tmp_path / "b", "vae"), converted(tmp_path / "a", "vae"))
-    flux_repo = ["flux1-dev.safetensors", "ae.safetensors", "model_index.json", "vae/config.json",
-                 "vae/diffusion_pytorch_model.safetensors",
-                 "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
-                 "text_encoder_2/model-00001-of-00002.safetensors"]  # fmt: skip
+    flux_repo = ["flux1-dev.safetensors", "ae.safetensors", "model_index.json", "README.md", "vae/config.json",
+                 "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+                 "transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+                 "transformer/diffusion_pytorch_model.safetensors.index.json", "tokenizer_2/tokenizer.json",
+                 "text_encoder_2/model-00001-of-00002.safetensors", "text_encoder_2/config.json"]  # fmt: skip
     patterns = asked["black-forest-labs/FLUX.1-dev"]
     fetched = list(huggingface_hub.utils.filter_repo_objects(flux_repo, allow_patterns=patterns))
     assert fetched == ["model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    t5gemma_repo = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "README.md",
+                    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"]  # fmt: skip
+    for part, needed in [("text_encoder", t5gemma_repo[:3]), ("tokenizer", t5gemma_repo[4:7])]:
+        patterns = ["model_index.json", *convert_weights.PART_FILES[part]]  # a repo that holds only the part
+        assert list(huggingface_hub.utils.filter_repo_objects(t5gemma_repo, allow_patterns=patterns)) == needed
 
 
 def test_variant_files_are_read_with_variant(prx_flux, tmp_path):
     src = broken_copy(prx_flux, tmp_path, lambda f: (f / "vae/diffusion_pytorch_model.safetensors").rename(
         f / "vae/diffusion_pytorch_model.fp16.safetensors"))  # fmt: skip
-    with pytest.raises(CheckpointError, match=r"holds no diffusion_pytorch_model\.safetensors .*only the variants "
-                                              r"fp16: pass --variant NAME"):
+    with pytest.raises(CheckpointError, match=r"holds no diffusion_pytorch_model\.safetensors \(nor a sharded "
+                                              r"index\): its variants: fp16 \(--variant NAME\)$"):
         convert(src, tmp_path / "out")
+    with pytest.raises(CheckpointError, match=r"holds no diffusion_pytorch_model\.bf16\.safetensors nor "
+                                              r"diffusion_pytorch_model\.safetensors .*its variants: fp16"):
+        convert(src, tmp_path / "out", "--variant", "bf16")
     convert(src, tmp_path / "out", "--variant", "fp16")  # the other parts have no fp16 files: their plain ones
     original = load_file(prx_flux / "vae/diffusion_pytorch_model.safetensors")
     assert_same_tensors(converted(tmp_path / "out", "vae"), original)
@@ -363,6 +372,9 @@ def test_distilled_is_read_from_the_checkpoint_name_only(prx_flux, tmp_path, cap
     convert(prx_flux, tmp_path / "b", "--transformer", distilled / "transformer")
     sampling = config_of(tmp_path / "b").sampling
     assert (sampling.num_inference_steps, sampling.guidance_scale) == (8, 1.0)
+    cached = shutil.copytree(prx_flux, tmp_path / "hub/models--Photoroom--prx-512-t2i-sft-distilled/snapshots/0a1b2c")
+    for args in ([cached], ["--transformer", cached / "transformer", "--vae", cached / "vae"]):
+        assert convert_weights.distilled_name(convert_weights.parse_args([*map(str, args), "out"])) == distilled.name
     note = "(distilled, by the name prx-512-t2i-sft-distilled: --steps and --guidance set others)"
     assert note in capsys.readouterr().out
 
@@ -418,16 +430,27 @@ def test_a_stopped_write_is_one_line_and_leaves_the_old_checkpoint(prx_flux, mir
     assert_same_tensors(converted(out, "transformer"), converted(mirage_flux, "transformer"))
 
 
-def test_swap_in_puts_the_old_checkpoint_back_if_the_rename_fails(tmp_path):
+def test_swap_in_puts_the_old_checkpoint_back_if_the_rename_fails(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("old")
     with pytest.raises(FileNotFoundError):
         convert_weights.swap_in(tmp_path / "vanished", out, tmp_path / ".out.old-1")
     assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    rename = Path.rename
+
+    def interrupted_after(path, target):  # Ctrl-C just after the old checkpoint went aside
+        rename(path, target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "rename", interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        convert_weights.swap_in(tmp_path / "new", out, tmp_path / ".out.old-1")
+    monkeypatch.undo()
+    assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_leftovers_of_killed_conversions_are_removed(prx_flux, tmp_path, monkeypatch):
+def test_leftovers_of_killed_conversions_are_removed(prx_flux, mirage_flux, tmp_path, monkeypatch):
     """SIGKILL leaves .NAME.tmp-PID: the next conversion to NAME removes those of processes gone (and its own
     PID's, which a container reuses), not those of conversions still running; sample.py never takes them."""
     import sample
@@ -442,6 +465,10 @@ def test_leftovers_of_killed_conversions_are_removed(prx_flux, tmp_path, monkeyp
     assert sorted(p.name for p in weights.iterdir()) == [f".other.tmp-{gone.pid}", f".prx.tmp-{os.getppid()}", "prx"]
     monkeypatch.setattr(sample, "WEIGHTS_DIR", weights)
     assert sample.find_weights(None) == weights / "prx"
+    # killed between swap_in's two renames: the old checkpoint, set aside, goes back where it was
+    (weights / "prx").rename(weights / f".prx.old-{gone.pid}")
+    convert_weights.remove_leftovers(weights / "prx")
+    assert config_of(weights / "prx") == config_of(mirage_flux)
 
 
 def test_a_source_inside_out_is_refused_before_reading(prx_flux, mirage_flux, tmp_path):

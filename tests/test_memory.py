@@ -269,6 +269,13 @@ def test_a_file_that_cannot_be_mapped_is_blamed_on_memory_not_on_the_file(tmp_pa
                                               r"free memory and try again$"):
         read_safetensors(path)
 
+    def no_room(*args, **kwargs):  # a GPU without room: torch's own error, not the file's
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(mirage.loading, "safe_open", no_room)
+    with pytest.raises(torch.OutOfMemoryError):
+        read_safetensors(path)
+
 
 # The peak RSS of this process image; not ru_maxrss, which a child starts with the RSS of the parent it forked from.
 PEAK_SCRIPT = """

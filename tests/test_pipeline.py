@@ -340,7 +340,7 @@ def test_cpu_0_is_the_cpu(mirage_flux):
 def test_offload_on_the_cpu_says_it_does_nothing(mirage_flux, caplog):
     with caplog.at_level(logging.WARNING, logger="mirage"):
         MiragePipeline.from_pretrained(mirage_flux, device="cpu", offload="model")
-    assert "offload='model' does nothing on the CPU: the models are in CPU memory already" in caplog.messages
+    assert "offload='model' saves no memory on the CPU: the models are in CPU memory already" in caplog.messages
 
 
 def test_nan_weights_stop_the_pipeline_naming_the_model(mirage_flux, tmp_path):

@@ -129,27 +129,58 @@ def test_random_texts_match_reference(prx_pair):
     assert_same_tokens(*prx_pair, random_texts(seed=0, count=400), max_length=48)
 
 
+# Gemma's user-defined pieces, in miniature: space runs first (ids 4-33), then tab runs and tags.
+SPACE_RUNS_FIRST = ",".join(["▁" * k for k in range(2, 32)] + ["\t" * k for k in range(1, 6)] + ["<b>", "<mask>"])
+
+
 def test_user_defined_space_runs_are_both_typed_tokens_and_bpe_pieces(tmp_path):
-    """transformers finds user-defined pieces (Gemma's space runs "▁▁", "▁▁▁", ... among them) in the text as typed
-    ("a ▁▁b": a, ▁, ▁▁, b), and its BPE merges spaces into them by id (4 spaces: ▁▁ twice, no ▁▁▁▁ piece here).
-    SentencePiece alone would find them after turning spaces into "▁" (a, ▁▁▁, b) and take the longest (▁▁▁, ▁)."""
-    model = train_sentencepiece(user_defined_symbols="<mask>,<start_of_turn>,▁▁,▁▁▁,<b>")
+    """transformers finds user-defined pieces (Gemma's space runs "▁▁".."▁"*31 among them) in the text as typed
+    ("a ▁▁b": a, ▁, ▁▁, b), and its BPE merges spaces into them by id (32 spaces: ▁*16 twice). SentencePiece alone
+    finds them after turning spaces into "▁" (a, ▁▁▁, b) and takes the longest (▁*31, then ▁ + what follows)."""
+    model = train_sentencepiece(vocab_size=900, user_defined_symbols=SPACE_RUNS_FIRST)
     (tmp_path / "model").mkdir()
     ref, ours = _with_config(tmp_path / "model", model)
     assert ours.encode("a ▁▁b") == [ours._piece_id(p) for p in ("a", "▁", "▁▁", "b")]
-    assert ours.encode("a    b") == [ours._piece_id(p) for p in ("a", "▁▁", "▁▁", "b")]
-    texts = ["x ▁▁▁ y", "a  b", "a   b", "a     b", "▁▁▁▁", " ▁▁", "<b>bold</b> ▁▁", "▁ ▁▁ ▁▁▁", " " * 40]
-    assert_same_tokens(ref, ours, texts, max_length=48)
-    assert_same_tokens(ref, ours, random_texts(seed=3, count=300), max_length=48)
+    assert ours.encode("a" + " " * 32 + "b") == [ours._piece_id(p) for p in ("a", "▁" * 16, "▁" * 16, "b")]
+    rng = random.Random(0)
+    alphabet = [*"ab c  \n\t▁", "<b>", "</b>", "photo", " " * 7, "\n\n", "▁▁"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(300)]
+    texts += ["a" + " " * n + "b" for n in range(1, 80)] + ["x ▁▁▁ y", " ▁▁", "▁ ▁▁ ▁▁▁", "<b>bold</b> ▁▁"]
+    assert_same_tokens(ref, ours, texts, max_length=96)
     ref.save_pretrained(tmp_path / "json")  # transformers 5: tokenizer.json only; rebuilt, the same ids
     tokenizer_json = _read_json(tmp_path / "json/tokenizer.json")
     config = TokenizerConfig.from_tokenizer_config(_read_json(tmp_path / "json/tokenizer_config.json"), tokenizer_json)
     rebuilt = GemmaTokenizer(sentencepiece_model_from_tokenizer_json(tokenizer_json), config)
-    assert_same_tokens(GemmaTokenizerFast.from_pretrained(tmp_path / "json"), rebuilt, texts, max_length=48)
+    assert_same_tokens(GemmaTokenizerFast.from_pretrained(tmp_path / "json"), rebuilt, texts, max_length=96)
     merges = tokenizer_json["model"]["merges"]  # without the merge that makes "▁▁", transformers never makes it
     merges.remove(next(m for m in merges if "".join(m) == "▁▁"))
     with pytest.raises(ValueError, match="'▁' \\+ '▁' forms '▁▁' but is not a listed merge"):
         sentencepiece_model_from_tokenizer_json(tokenizer_json)
+
+
+def test_piece_types_are_read_from_any_layout_of_the_protobuf():
+    """The shortcut for SentencePiece's own layout (text under 128 bytes, score, type unless normal), and the
+    field-by-field reading for every other: long texts, no score, fields in another order."""
+    from mirage.tokenizer import _bytes_field, _float_field, _piece_message, _typed_pieces, _varint_field
+
+    def piece(*fields):
+        return _bytes_field(1, b"".join(fields))
+
+    text = lambda data: _bytes_field(1, data)  # noqa: E731
+    pieces = [
+        _bytes_field(1, _piece_message("a" * 127, -1.0, 4)),  # the shortcut: user-defined
+        _bytes_field(1, _piece_message("b" * 200, -2.0, 3)),  # a two-byte text length: control
+        _bytes_field(1, _piece_message("▁b", -3.0, 1)),  # normal, type written
+        piece(text(b"c"), _float_field(2, -4.0)),  # normal, no type
+        piece(text(b"\x15" * 3), _varint_field(3, 4)),  # no score
+        piece(_float_field(2, 0.0), text(b"\x80\xff"), _varint_field(3, 6)),  # score first
+        piece(text(b"d")),  # text only
+    ]
+    trainer_spec = _bytes_field(2, _varint_field(3, 2))
+    typed = _typed_pieces(b"".join(pieces) + trainer_spec)
+    assert {i: kind for i, (_, _, kind) in typed.items()} == {0: 4, 1: 3, 4: 4, 5: 6}
+    start, end, _ = typed[4]
+    assert b"".join(pieces)[start:end] == pieces[4]
 
 
 def test_right_padding_from_config(tmp_path, spm_model):
