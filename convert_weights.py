@@ -422,7 +422,6 @@ def write_checkpoint(out: Path, config: MirageConfig, weights: dict, tokenizer_m
     out = out.resolve()  # "." or "a/.." has no name to put a folder beside
     check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(out)
     tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("tmp", "old"))
     try:
         tmp.mkdir()
@@ -462,12 +461,12 @@ def swap_in(new: Path, out: Path, old: Path) -> None:
 def remove_leftovers(out: Path) -> None:
     """Clear what conversions to OUT killed outright (SIGKILL, power loss) left beside it, those of processes gone
     or of this process's PID (a container's PIDs repeat from one run to the next): their temporary folders are
-    deleted; an old checkpoint renamed aside goes back to OUT if OUT is missing (see `swap_in`)."""
+    deleted; an old checkpoint renamed aside goes back to OUT if OUT is missing (see `swap_in`), else deleted."""
     for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
         kind, _, pid = path.name.removeprefix(f".{out.name}.").partition("-")
         if kind not in ("tmp", "old") or not pid.isdigit() or (int(pid) != os.getpid() and running(int(pid))):
             continue
-        if kind == "old" and not out.exists():
+        if kind == "old" and not out.exists() and (path / "config.json").is_file():
             path.rename(out)
         else:
             shutil.rmtree(path, ignore_errors=True)
@@ -542,6 +541,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     dtype = DTYPES.get(args.dtype)
     out = Path(args.out)
+    remove_leftovers(out.resolve())  # first: it may put back an OUT that check_out must see
     check_out(out, args.force)  # fail before reading gigabytes
     check_sources(args, out)
     config, weights, tokenizer_model = gather(args)

@@ -465,9 +465,11 @@ def test_leftovers_of_killed_conversions_are_removed(prx_flux, mirage_flux, tmp_
     assert sorted(p.name for p in weights.iterdir()) == [f".other.tmp-{gone.pid}", f".prx.tmp-{os.getppid()}", "prx"]
     monkeypatch.setattr(sample, "WEIGHTS_DIR", weights)
     assert sample.find_weights(None) == weights / "prx"
-    # killed between swap_in's two renames: the old checkpoint, set aside, goes back where it was
+    # killed between swap_in's two renames: the old checkpoint, set aside, goes back where it was, and is not
+    # replaced without --force
     (weights / "prx").rename(weights / f".prx.old-{gone.pid}")
-    convert_weights.remove_leftovers(weights / "prx")
+    with pytest.raises(CheckpointError, match="prx already exists: pass --force"):
+        convert(prx_flux, weights / "prx")
     assert config_of(weights / "prx") == config_of(mirage_flux)
 
 
