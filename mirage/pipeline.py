@@ -18,6 +18,7 @@ C latent channels, h/w latent grid, H/W pixels.
 import gc
 import logging
 import math
+import numbers
 import operator
 from pathlib import Path
 
@@ -414,6 +415,7 @@ class MiragePipeline:
         are x0 = latents - sigma * velocity.
         """
         sampling = self.config.sampling
+        sigmas = _checked_sigmas(sigmas, num_inference_steps)
         steps = sampling.num_inference_steps if num_inference_steps is None else num_inference_steps
         steps = len(sigmas) if sigmas is not None else steps
         guidance_scale = sampling.guidance_scale if guidance_scale is None else guidance_scale
@@ -493,22 +495,31 @@ class MiragePipeline:
             raise ValueError("pass exactly one of prompt and prompt_embeds")
         if prompt is not None:
             prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-            if not prompt:
-                raise ValueError("the prompt list is empty: pass at least one prompt")
+            if not prompt or not all(isinstance(p, str) for p in prompt):
+                raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        width = self.config.transformer.context_in_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[2] != width):
+                raise ValueError(f"{name} must be [B >= 1, L, {width}], got {tuple(embeds.shape)}")
         batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        negative_prompt = "" if negative_prompt is None else negative_prompt
         negative_prompt = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        if not all(isinstance(p, str) for p in negative_prompt):
+            raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
         if len(negative_prompt) != batch:
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {batch} prompts: pass one, or one each")
         if prompt_embeds is not None and guidance_scale > 1 and negative_prompt_embeds is None:
             raise ValueError("with prompt_embeds and guidance_scale > 1, pass negative_prompt_embeds too")
         if negative_prompt_embeds is not None and len(negative_prompt_embeds) != batch:
             raise ValueError(f"got {len(negative_prompt_embeds)} negative prompt embeddings for {batch} prompts")
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
-        if not 1 <= guidance_scale < math.inf:
-            raise ValueError(f"guidance_scale must be a number >= 1 (1 turns guidance off), got {guidance_scale}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if not _is_int(steps) or steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(guidance_scale, numbers.Real) or not 1 <= guidance_scale < math.inf:
+            raise ValueError(f"guidance_scale must be a number >= 1 (1 turns guidance off), got {guidance_scale!r}")
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        if not all(map(_is_int, request)):
+            raise ValueError(f"height and width must be integers, got {request[0]!r} and {request[1]!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         check_size(*request, self.config.pixel_multiple, binning)
@@ -565,6 +576,25 @@ def check_size(height: int, width: int, multiple: int, binning: bool) -> None:
             f"height and width must be multiples of {multiple} (VAE factor x patch size), "
             f"got {height}x{width}: round them, or keep resolution binning on"
         )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _checked_sigmas(sigmas, num_inference_steps) -> list[float] | None:
+    """Custom noise levels (before the shift): a list of numbers in [0, 1], as many as num_inference_steps if given."""
+    if sigmas is None:
+        return None
+    try:
+        values = [float(s) for s in sigmas] if not isinstance(sigmas, (str, bytes)) else []
+    except (TypeError, ValueError):
+        values = []
+    if not values or not all(0 <= v <= 1 for v in values):  # NaN fails both comparisons
+        raise ValueError(f"sigmas must be a list of noise levels in [0, 1], got {sigmas!r}")
+    if num_inference_steps is not None and num_inference_steps != len(values):
+        raise ValueError(f"got {len(values)} sigmas and num_inference_steps={num_inference_steps}: pass one of them")
+    return values
 
 
 def _checked_seed(seed, generator: torch.Generator | None) -> int | list[int] | None:

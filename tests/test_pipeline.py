@@ -237,13 +237,25 @@ def test_custom_sigmas_set_the_schedule(ref_flux, ours_flux):
         (dict(height=20_000), "height and width must be 1 to 16384 pixels, got 20000x256"),
         (dict(seed=5.0), "seeds must be integers, got 5.0"),
         (dict(generator=[torch.Generator()]), "generator must be one torch.Generator, not a list: for one per image"),
-        (dict(prompt=[]), "empty"),
+        (dict(prompt=[]), "prompt must be a string or a non-empty list of strings"),
+        (dict(prompt=["a", None]), "prompt must be a string or a non-empty list of strings"),
+        (dict(negative_prompt=[None]), "negative_prompt must be a string or a list of strings"),
         (dict(height=248, width=256, use_resolution_binning=False), "multiples of 16"),
         (dict(output_type="jpeg"), "output_type"),
         (dict(negative_prompt=["a", "b"]), "negative prompts"),
+        (dict(num_inference_steps=2.0), "num_inference_steps must be an integer >= 1, got 2.0"),
+        (dict(num_images_per_prompt=1.5), "num_images_per_prompt must be an integer >= 1, got 1.5"),
+        (dict(guidance_scale="3"), "guidance_scale must be a number >= 1 .*got '3'"),
+        (dict(height=64.0), "height and width must be integers, got 64.0 and 256"),
+        (dict(sigmas=[float("nan"), 0.5]), r"sigmas must be a list of noise levels in \[0, 1\], got \[nan, 0.5\]"),
+        (dict(sigmas=[1.0, -0.5]), r"sigmas must be a list of noise levels in \[0, 1\]"),  # -1 / (shift - 1): 1 / 0
+        (dict(sigmas="0.5"), r"sigmas must be a list of noise levels in \[0, 1\], got '0.5'"),
+        (dict(sigmas=[]), r"sigmas must be a list of noise levels"),
+        (dict(sigmas=[1.0, 0.5, 0.2], num_inference_steps=5), "got 3 sigmas and num_inference_steps=5: pass one of"),
     ],
 )
-def test_bad_requests_fail_early_with_a_clear_message(ours_flux, kwargs, message):
+def test_bad_requests_fail_early_with_a_clear_message(ours_flux, kwargs, message, monkeypatch):
+    monkeypatch.setattr(ours_flux, "text_conditioning", None)  # nothing may run before the request is refused
     with pytest.raises(ValueError, match=message):
         ours_flux(**{"prompt": "a cat", **kwargs}, progress=False)
     with pytest.raises(ValueError, match="use_resolution_binning=False"):
@@ -296,6 +308,28 @@ def test_inf_or_nan_names_the_model_and_what_to_try(dtype, advice):
     for bad in (float("nan"), float("inf")):
         with pytest.raises(FloatingPointError, match="^the VAE's images hold inf/NaN " + advice):
             check_finite(torch.tensor([0.0, bad], dtype=dtype), "the VAE's images")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt_embeds=torch.zeros(0, 4, 32)), r"prompt_embeds must be \[B >= 1, L, 32\], got \(0, 4, 32\)"),
+        (dict(prompt_embeds=torch.zeros(4, 32)), r"prompt_embeds must be \[B >= 1, L, 32\], got \(4, 32\)"),
+        (dict(prompt_embeds=torch.zeros(1, 4, 32), negative_prompt_embeds=torch.zeros(1, 4, 33)),
+         r"negative_prompt_embeds must be \[B >= 1, L, 32\], got \(1, 4, 33\)"),
+    ],
+)  # fmt: skip
+def test_given_embeddings_of_the_wrong_shape_are_refused_first(ours_flux, kwargs, message, monkeypatch):
+    assert ours_flux.config.transformer.context_in_dim == 32
+    monkeypatch.setattr(ours_flux, "text_conditioning", None)
+    with pytest.raises(ValueError, match=message):
+        ours_flux(**kwargs, guidance_scale=4.0, progress=False)
+
+
+def test_no_negative_prompt_is_the_empty_one(ours_flux):
+    kwargs = dict(num_inference_steps=1, height=64, width=64, use_resolution_binning=False, output_type="latent",
+                  seed=0, progress=False)  # fmt: skip
+    assert torch.equal(ours_flux("a cat", negative_prompt=None, **kwargs), ours_flux("a cat", **kwargs))
 
 
 def test_inf_or_nan_in_given_inputs_is_blamed_on_them(ours_flux):
