@@ -47,7 +47,7 @@ from mirage.configs import (
 )
 from mirage.loading import CheckpointError, check_state_dict, read_config, read_safetensors, rename_original_key
 from mirage.pipeline import ASPECT_RATIO_BINS, COMPONENTS, component, load_tokenizer
-from mirage.precision import DTYPES
+from mirage.precision import DTYPES, dtype_name
 from mirage.tokenizer import sentencepiece_model_from_tokenizer_json
 
 VAE_CLASS_NAMES = {"AutoencoderKL": "flux", "AutoencoderDC": "dc-ae"}
@@ -497,7 +497,7 @@ def describe(config: MirageConfig, weights: dict, dtype, distilled: str | None) 
         count = sum(v.numel() for v in state.values())
         stored = dtype or next(v.dtype for v in state.values() if v.is_floating_point())
         size = f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
-        return f"{size} parameters, {str(stored).removeprefix('torch.')}"
+        return f"{size} parameters, {dtype_name(stored)}"
 
     t = config.transformer
     return [

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .configs import MirageConfig
+from .precision import dtype_name
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -128,7 +129,7 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
         if k in state_dict and state_dict[k].shape != v.shape
     ]
     not_float = [
-        f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})"
+        f"{k} ({dtype_name(state_dict[k].dtype)})"
         for k, v in expected.items()
         if k in state_dict and v.is_floating_point() and not state_dict[k].is_floating_point()
     ]

@@ -31,7 +31,7 @@ from . import lora, memory
 from .autoencoder import decode_latents, to_unit_range
 from .configs import MirageConfig
 from .loading import CheckpointError, load_model, loaded_bytes, read_config
-from .precision import DTYPES, run_dtype
+from .precision import DTYPES, dtype_name, run_dtype
 from .prompt_cleaning import basic_clean, clean_prompt
 from .sampling import denoise, flow_match_sigmas, require_cuda
 from .text_encoder import T5GemmaEncoder
@@ -130,7 +130,7 @@ def check_finite(tensor: torch.Tensor, what: str, causes: str = "the weights (co
         return
     wider = {torch.float16: "run it in bf16 or fp32 (--dtype)", torch.bfloat16: "run it in fp32 (--dtype fp32)"}
     advice = f"{wider[tensor.dtype]}, or check {causes}" if tensor.dtype in wider else f"check {causes}"
-    raise FloatingPointError(f"{what} hold inf/NaN in {str(tensor.dtype).removeprefix('torch.')}: {advice}")
+    raise FloatingPointError(f"{what} hold inf/NaN in {dtype_name(tensor.dtype)}: {advice}")
 
 
 def check_given(tensor: torch.Tensor | None, name: str) -> None:

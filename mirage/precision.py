@@ -27,14 +27,15 @@ def run_dtype(model_class: type, requested: torch.dtype, device: str | torch.dev
         dtype = torch.bfloat16 if native_bf16(device) else torch.float32
         reason = "its activations overflow float16"
     elif not native(requested, device):
-        dtype, reason = torch.float32, f"no native {_name(requested)} kernels on this {device.type}"
+        dtype, reason = torch.float32, f"no native {dtype_name(requested)} kernels on this {device.type}"
     else:
         return requested
-    _log_once(f"running {model_class.__name__} in {_name(dtype)}: {reason}")
+    _log_once(f"running {model_class.__name__} in {dtype_name(dtype)}: {reason}")
     return dtype
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32: how messages name a dtype."""
     return str(dtype).removeprefix("torch.")
 
 

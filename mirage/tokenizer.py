@@ -145,6 +145,8 @@ def _piece_type(proto: bytes, at: int, end: int) -> int:
     bytes), then type (field 3) unless normal: read so where the text is shorter than 128 bytes (Gemma's 256,000
     pieces in ~0.3 s), field by field otherwise."""
     text_length = proto[at + 1]
+    # A key byte is field number << 3 | wire type: 0x0A the text (field 1, length-delimited), 0x15 the score
+    # (field 2, four bytes), 0x18 the type (field 3, a varint).
     plain = 2 + text_length + 5  # the text's key, length and bytes; the score's key and four bytes
     if end - at in (plain, plain + 2) and proto[at] == 0x0A and text_length < 0x80 and proto[at + plain - 5] == 0x15:
         return proto[end - 1] if end - at == plain + 2 else _NORMAL  # then the type's key and value, or nothing
