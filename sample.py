@@ -26,7 +26,7 @@ import mirage
 
 mirage.use_huge_pages()  # before anything imports torch
 
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # mirage.precision.DTYPES' keys, spelled out: --help answers before torch loads
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 HOW_TO_GET_WEIGHTS = (
     "no converted checkpoint in weights/. Get one with:\n"

@@ -54,7 +54,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
 
 from mirage.pipeline import check_device, compile_model  # noqa: E402
-from mirage.precision import DTYPES, native_bf16  # noqa: E402
+from mirage.precision import DTYPES, dtype_name, native_bf16  # noqa: E402
 
 PARTS = ("text", "step", "vae", "e2e")
 SIDES = ("reference", "ours")
@@ -216,7 +216,7 @@ def build(s: dict, name: str, model_class, config, timer: "Timer"):
 
     path = Path(s["mirage"]) / f"{name}.safetensors"
     dtype = run_dtype(model_class, s["dtype"], s["device"])
-    timer.dtypes[name] = str(dtype).removeprefix("torch.")
+    timer.dtypes[name] = dtype_name(dtype)
     model = timer("load", lambda: load_model(lambda: model_class(config), path, s["device"], dtype), 1)
     return compile_model(model, name) if s.get("compile") else model
 
@@ -496,7 +496,7 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
                 r_mem, o_mem = ref[peak] / 1e9, ours[peak] / 1e9
                 label = f"  {name}, {part} process"
                 lines.append(f"{label:40}{r_mem:9.2f}GB{o_mem:8.2f}GB{o_mem / r_mem:9.2f}")
-    requested = str(DTYPES[settings["dtype"]]).removeprefix("torch.")
+    requested = dtype_name(DTYPES[settings["dtype"]])
     ran = {name: dtype for result in results["ours"].values() for name, dtype in result["dtypes"].items()}
     changed = ", ".join(f"{name} in {dtype}" for name, dtype in ran.items() if dtype != requested)
     if changed:

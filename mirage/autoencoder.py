@@ -109,8 +109,8 @@ def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
 def _axis_weights(starts: list[int], tile: int, scale: int) -> list[torch.Tensor]:
     """Blend weights along one axis, one vector of tile * scale pixels per tile.
 
-    Neighbours crossfade linearly across their whole overlap: there the one weight rises as
-    (k + 0.5) / overlap while the other falls, so the pair sums to 1. Edges of the image are not ramped.
+    Neighbours crossfade linearly across their whole overlap: at its j-th pixel the one weight rises as
+    (j + 0.5) / overlap while the other falls, so the pair sums to 1. Edges of the image are not ramped.
     """
     weights = []
     for k, start in enumerate(starts):

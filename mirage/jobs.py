@@ -14,7 +14,7 @@ not depend on the batch size, the rank or the number of processes (beyond float 
 differently, which may move a pixel value by one level).
 
 Processes: torchrun's RANK / WORLD_SIZE / LOCAL_RANK decide (one process without them). Every rank lists
-the items still to do, and after a barrier rank r takes the r-th, (r + N)-th, ... of them, on cuda:LOCAL_RANK
+the items still to do, and after a barrier rank r takes the r-th, (r + WORLD_SIZE)-th, ... of them, on cuda:LOCAL_RANK
 (nccl) or the CPU (gloo). Each rank appends a line to its own manifest as it writes each image; at the end
 rank 0 merges them into manifest.jsonl.
 """

@@ -119,7 +119,8 @@ def read_config(folder: str | Path) -> MirageConfig:
 
 
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise a CheckpointError naming every missing, unexpected or misshapen key."""
+    """Raise a CheckpointError naming missing, unexpected, misshapen and non-float keys (up to five of each, with
+    their count)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -1,6 +1,6 @@
 """Text to image with Mirage: prompts -> T5Gemma embeddings -> flow-matching denoising -> VAE decode.
 
-Follows diffusers' `PRXPipeline` (0.42.1) step for step, with five deliberate differences:
+Follows diffusers' `PRXPipeline` (0.42.1) step for step, with six deliberate differences:
 - every image gets its own prompt's embeddings AND mask (the reference repeat-interleaves embeddings but
   tiles masks, so with several prompts and several images each, images get another prompt's mask), and
   the timestep is broadcast to the batch (the reference's `.repeat(2)` crashes any CFG batch > 1);
@@ -9,7 +9,8 @@ Follows diffusers' `PRXPipeline` (0.42.1) step for step, with five deliberate di
   result is the same for a fraction of the work;
 - the text side of the transformer (projection, per-block keys/values) is computed once per call;
 - a binned image resized back to the request is never a pixel short of it (see `resize_and_crop`);
-- decodes above 1024x1024 px run in overlapping tiles (see `mirage.autoencoder.decode_latents`).
+- decodes above 1024x1024 px run in overlapping tiles (see `mirage.autoencoder.decode_latents`);
+- prompt cleaning keeps the curly quotes diffusers' copy lost, as training did (see `mirage.prompt_cleaning`).
 
 Shapes: B prompts, K images per prompt, N = B * K images, L text tokens, D text width,
 C latent channels, h/w latent grid, H/W pixels.
@@ -382,7 +383,7 @@ class MiragePipeline:
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] = "",
+        negative_prompt: str | list[str] | None = "",
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
@@ -463,7 +464,7 @@ class MiragePipeline:
 
     def initial_latents(self, n, height, width, seed=None, generator=None, latents=None) -> torch.Tensor:
         """Gaussian noise [N, C, h, w], drawn on the CPU (or on a given generator's device) in one draw for the
-        batch, or one per seed in a list, then moved to the device."""
+        batch, or one per seed in a list, then moved to the device; or the given `latents`, checked."""
         factor = self.config.vae.spatial_compression
         shape = (n, self.config.vae.latent_channels, height // factor, width // factor)
         if latents is not None:

@@ -25,7 +25,7 @@ def run_dtype(model_class: type, requested: torch.dtype, device: str | torch.dev
     device = torch.device(device)
     if requested == torch.float16 and not model_class.fp16_safe:
         dtype = torch.bfloat16 if native_bf16(device) else torch.float32
-        reason = "its activations overflow float16"
+        reason = "its activations may overflow float16"
     elif not native(requested, device):
         dtype, reason = torch.float32, f"no native {dtype_name(requested)} kernels on this {device.type}"
     else:

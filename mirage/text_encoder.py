@@ -8,9 +8,9 @@ Layers alternate between a sliding window and full attention, both bidirectional
 
 Deviations, none of which changes the fp32 result:
 - Attention is written out, because soft-capped scores have no `scaled_dot_product_attention` form.
-  The Q K^T product runs in the activation dtype, as in the reference; RoPE, the scaling, the soft-cap,
-  the mask and the softmax then run in fp32, where the reference does all but the softmax in the
-  activation dtype, so in bf16 ours is the more precise of the two.
+  RoPE runs in fp32 (cast back before the product); the Q K^T product runs in the activation dtype, as in
+  the reference; the scaling, the soft-cap, the mask and the softmax then run in fp32, where the reference
+  does all but the softmax in the activation dtype, so in bf16 ours is the more precise of the two.
 - The query heads that share a key/value head are batched against it, never copying K and V per head.
 - Padding is never computed: the real tokens of all prompts are packed into one sequence, each attending
   to its own prompt only, and scattered back to [B, L] at the end (zeros at padding, where the

@@ -11,8 +11,8 @@ How it deviates, without changing what it computes:
 - The adaLN vectors depend only on sigma (and the latent size, with resolution embeddings), so `modulate`
   computes them apart from the blocks: a sampler can compute them for a whole schedule before its loop and
   call `forward_modulated`.
-- RoPE tables are built in fp32 (the reference uses float64, which crashed it on Apple MPS), cached per grid
-  size and device, and held as complex64 rotations, so RoPE is one complex product per tensor.
+- RoPE tables are built in fp32 (the reference uses float64, and float32 only where a device lacks it, as MPS
+  does), cached per grid size and device, and held as complex64 rotations, so RoPE is one complex product per tensor.
 - Fewer passes and buffers, same arithmetic: gated residuals are one `addcmul` each; adaLN scale and shift, the
   q/k norm weight and the MLP's gate * up product are applied in place on fresh temporaries.
 

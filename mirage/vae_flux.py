@@ -9,7 +9,7 @@ state dict loads as it is.
 Deviations: `encode` returns the mean of the latent distribution (its mode) instead of a distribution
 object, as PRX never samples it; diffusers' slicing, tiling and attention-processor machinery are left
 out (tiling for every VAE lives in `mirage.autoencoder`); on CPU, `decode` runs in the channels-last
-memory layout, on which oneDNN's convolutions are faster (same values to rounding).
+memory layout, on which oneDNN's convolutions are faster (GroupNorm rounds slightly worse there: see `decode`).
 
 Precision: float16 is not safe with the published weights: users report black (NaN) FLUX.1 images
 when this VAE runs in fp16 (InvokeAI issue 7208; its config also sets force_upcast), so it is marked
@@ -191,7 +191,7 @@ class FluxVAE(nn.Module):
     `mirage.autoencoder` applies that conversion for either VAE.
     """
 
-    fp16_safe = False  # see the module docstring; read by the pipeline's dtype policy
+    fp16_safe = False  # see the module docstring; read by mirage.precision.run_dtype
 
     def __init__(self, config: FluxVAEConfig = FluxVAEConfig()):
         super().__init__()
@@ -222,7 +222,7 @@ class FluxVAE(nn.Module):
             # layout: the 512 px decode takes ~20% less time (measured in fp32). PyTorch's GroupNorm rounds a little
             # worse on NHWC (3e-5 relative to fp64 on a 512x512 map of mean 1 and std 0.3, 1e-7 on NCHW; a norm as
             # precise on NHWC, two-pass or through NCHW, measured 8x slower): a decode differs from diffusers' by
-            # ~5e-6 relative (256 px, published architecture, random weights), far inside the pipeline's 2e-3.
+            # ~5e-6 relative (256 px, published architecture, random weights), inside the tests' 2e-5 parity bound.
             z = z.contiguous(memory_format=torch.channels_last)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
