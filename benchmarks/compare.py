@@ -26,23 +26,22 @@ pipelines:
 Components report the best of --repeats runs, and of --rounds worker processes per side (alternating
 sides); a component is timed alone between synchronisations, so on a GPU its time includes launching it.
 Every worker starts with empty compile caches (torch's and Triton's on-disk ones), so a cold compiled run
-compiles; the checkpoint's files are in the page cache after the first part. The table gives wall time (and,
-on CPU, the ratio of the processes' CPU times, steadier than wall time on a shared machine), ours /
-reference, the speedup, and the largest difference between the two outputs. The last line projects a whole
-generation from the components, without loading.
+compiles; a worker finds its model's files in the page cache when an earlier run read them. The table gives
+wall time (and, on CPU, the ratio of the processes' CPU times, steadier than wall time on a shared machine),
+ours / reference, the speedup, and the largest difference between the two outputs. The last line projects a
+whole generation from the components, without loading.
 """
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
+import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
-import time
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -51,10 +50,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
+from checkpoint import ensure_checkpoint  # noqa: E402
+from common import (  # noqa: E402
+    Timer, add_model_options, check_model_options, empty_compile_caches, left_padded_mask, load_ours, peak_memory,
+)  # fmt: skip
 
-from mirage.pipeline import check_device, compile_model  # noqa: E402
-from mirage.precision import DTYPES, dtype_name, native_bf16  # noqa: E402
+from mirage.pipeline import compile_model  # noqa: E402
+from mirage.precision import DTYPES, dtype_name  # noqa: E402
 
 PARTS = ("text", "step", "vae", "e2e")
 SIDES = ("reference", "ours")
@@ -64,47 +66,6 @@ WORDS = (
     "a photo of an old red tram on a sandy beach at sunset, warm light, film grain, seagulls over the water, "
     "a child with a kite, soft clouds, long shadows, highly detailed, sharp focus"
 ).split()
-
-
-# ---- measuring -------------------------------------------------------------------------------------------------
-
-
-class Timer:
-    """Best-of-n wall and CPU seconds of each timed part, and the last result of each."""
-
-    def __init__(self, device: torch.device, repeats: int):
-        self.device, self.repeats = device, repeats
-        self.wall, self.cpu = {}, {}
-        self.dtypes = {}  # our model -> the dtype it ran in (mirage.precision may change the requested one)
-
-    def __call__(self, part: str, fn, repeats: int | None = None):
-        for _ in range(repeats or self.repeats):
-            self._sync()
-            wall, cpu = time.perf_counter(), time.process_time()
-            result = fn()
-            self._sync()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            self.wall[part] = min(wall, self.wall.get(part, wall))
-            self.cpu[part] = min(cpu, self.cpu.get(part, cpu))
-        return result
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def peak_memory(device: torch.device) -> int:
-    """Bytes: the process's peak RSS on CPU, the peak allocated GPU memory on CUDA.
-
-    On Linux the peak is /proc's VmHWM, this process image's own: ru_maxrss starts a child at the RSS of the
-    parent it forked from."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))  # in kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, the only other source
 
 
 # ---- the reference (each function runs in a worker process of its own) -----------------------------------------
@@ -119,8 +80,7 @@ def as_asked(s: dict, model, name: str):
 def reference_text(s: dict, inputs: dict, timer: Timer) -> dict:
     from diffusers import PRXPipeline
 
-    load = lambda: PRXPipeline.from_pretrained(s["prx"], transformer=None, vae=None, torch_dtype=s["dtype"])  # noqa: E731
-    pipe = timer("load", load, 1).to(s["device"])
+    pipe = PRXPipeline.from_pretrained(s["prx"], transformer=None, vae=None, torch_dtype=s["dtype"]).to(s["device"])
     as_asked(s, pipe.text_encoder, "text_encoder")
     encode = lambda: pipe.encode_prompt(inputs["prompt"], s["device"], True, inputs["negative"])  # noqa: E731
     embeds, mask, negative_embeds, negative_mask = timer("text", encode)
@@ -131,7 +91,7 @@ def reference_step(s: dict, inputs: dict, timer: Timer) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler, PRXTransformer2DModel
 
     folder = Path(s["prx"]) / "transformer"
-    model = timer("load", lambda: PRXTransformer2DModel.from_pretrained(folder, torch_dtype=s["dtype"]), 1)
+    model = PRXTransformer2DModel.from_pretrained(folder, torch_dtype=s["dtype"])
     model = as_asked(s, model.to(s["device"]).eval(), "transformer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(Path(s["prx"]) / "scheduler")
     scheduler.set_timesteps(s["steps"], device=s["device"])
@@ -154,7 +114,7 @@ def reference_vae(s: dict, inputs: dict, timer: Timer) -> dict:
     from diffusers import AutoencoderDC, AutoencoderKL
 
     vae_class = AutoencoderKL if s["vae"] == "flux" else AutoencoderDC
-    vae = timer("load", lambda: vae_class.from_pretrained(Path(s["prx"]) / "vae", torch_dtype=s["dtype"]), 1)
+    vae = vae_class.from_pretrained(Path(s["prx"]) / "vae", torch_dtype=s["dtype"])
     vae = as_asked(s, vae.to(s["device"]).eval(), "vae")
     latents = inputs["noise"].to(s["device"], s["dtype"])
     shift = getattr(vae.config, "shift_factor", None) or 0.0  # as PRXPipeline unscales them
@@ -207,18 +167,11 @@ def time_e2e(s: dict, timer: Timer, load, generate) -> dict:
 # ---- ours ------------------------------------------------------------------------------------------------------
 
 
-def build(s: dict, name: str, model_class, config, timer: "Timer"):
-    """One of our models as MiragePipeline loads it, in the dtype the pipeline would run it in (which can differ
-    from the requested one: see mirage.precision), compiled as the pipeline would with --compile (its first run
-    compiles, so use --repeats >= 2)."""
-    from mirage.loading import load_model
-    from mirage.precision import run_dtype
-
-    path = Path(s["mirage"]) / f"{name}.safetensors"
-    dtype = run_dtype(model_class, s["dtype"], s["device"])
-    timer.dtypes[name] = dtype_name(dtype)
-    model = timer("load", lambda: load_model(lambda: model_class(config), path, s["device"], dtype), 1)
-    return compile_model(model, name) if s.get("compile") else model
+def build(s: dict, name: str, model_class, config):
+    """One of our models as MiragePipeline loads it (see `load_ours`), its dtype recorded for the report."""
+    model = load_ours(s["mirage"], name, model_class, config, s["device"], s["dtype"], s.get("compile", False))
+    s["ran_in"][name] = dtype_name(next(model.parameters()).dtype)
+    return model
 
 
 def ours_text(s: dict, inputs: dict, timer: Timer) -> dict:
@@ -228,7 +181,7 @@ def ours_text(s: dict, inputs: dict, timer: Timer) -> dict:
     from mirage.tokenizer import GemmaTokenizer
 
     config = read_config(s["mirage"])
-    encoder = build(s, "text_encoder", T5GemmaEncoder, config.text_encoder, timer)
+    encoder = build(s, "text_encoder", T5GemmaEncoder, config.text_encoder)
     tokenizer = GemmaTokenizer(Path(s["mirage"]) / "tokenizer.model", config.tokenizer)
 
     def encode():  # as MiragePipeline.encode_prompts: negatives first, padded to the longest prompt only
@@ -246,7 +199,7 @@ def ours_step(s: dict, inputs: dict, timer: Timer) -> dict:
     from mirage.transformer import MirageTransformer
 
     config = read_config(s["mirage"])
-    model = build(s, "transformer", MirageTransformer, config.transformer, timer)
+    model = build(s, "transformer", MirageTransformer, config.transformer)
     dtype = model.dtype
     noise = inputs["noise"].to(s["device"], dtype)
     embeds, mask = inputs["text"].to(s["device"], dtype), inputs["text_mask"].to(s["device"])
@@ -269,7 +222,7 @@ def ours_vae(s: dict, inputs: dict, timer: Timer) -> dict:
 
     config = read_config(s["mirage"])
     vae_class = FluxVAE if s["vae"] == "flux" else DCAE
-    vae = build(s, "vae", vae_class, config.vae, timer)
+    vae = build(s, "vae", vae_class, config.vae)
     latents = inputs["noise"].to(s["device"], s["dtype"])
     return {"decoded": timer("vae", lambda: decode_latents(vae, latents, tiled=False))}
 
@@ -319,12 +272,12 @@ def worker(run_dir: Path, side: str, part: str) -> None:
         quiet_oracles()
     settings = json.loads((run_dir / "settings.json").read_text())
     device = torch.device(settings["device"])
-    s = {**settings, "device": device, "dtype": DTYPES[settings["dtype"]]}
+    s = {**settings, "device": device, "dtype": DTYPES[settings["dtype"]], "ran_in": {}}  # ran_in: see `build`
     inputs = torch.load(run_dir / "inputs.pt")
     timer = Timer(device, settings["repeats"])
     with torch.no_grad():
         outputs = WORKERS[side, part](s, inputs, timer)
-    result = {"wall": timer.wall, "cpu": timer.cpu, "peak_memory": peak_memory(device), "dtypes": timer.dtypes}
+    result = {"wall": timer.wall, "cpu": timer.cpu, "peak_memory": peak_memory(device), "dtypes": s["ran_in"]}
     if device.type == "cuda":  # what the caching allocator held at most: the memory other processes could not have
         result["peak_reserved"] = torch.cuda.max_memory_reserved(device)
     torch.save({k: v.float().cpu() for k, v in outputs.items()}, run_dir / f"{side}-{part}.pt")
@@ -356,23 +309,13 @@ def make_inputs(settings: dict, prompt_tokens: int, negative_tokens: int) -> dic
     prompt, n_prompt = make_prompt(tokenizer, prompt_tokens)
     negative, n_negative = make_prompt(tokenizer, negative_tokens) if negative_tokens > 1 else ("", 1)
     g = torch.Generator().manual_seed(0)
-    f = 8 if settings["vae"] == "flux" else 32
-    latent = settings["resolution"] // f
+    latent = settings["resolution"] // config.vae.spatial_compression
     noise = torch.randn(1, config.transformer.in_channels, latent, latent, generator=g)
     text = torch.randn(2, TOKENIZER_MAX_LENGTH, config.transformer.context_in_dim, generator=g)
-    lengths = torch.tensor([[n_negative], [n_prompt]])
-    text_mask = torch.arange(TOKENIZER_MAX_LENGTH) >= TOKENIZER_MAX_LENGTH - lengths  # [2, 256], left padding
+    text_mask = left_padded_mask([n_negative, n_prompt], TOKENIZER_MAX_LENGTH)  # [2, 256]
     dtype = DTYPES[settings["dtype"]]
     return dict(prompt=prompt, negative=negative, prompt_tokens=n_prompt, negative_tokens=n_negative,
                 noise=noise.to(dtype), text=text.to(dtype), text_mask=text_mask)  # fmt: skip
-
-
-@contextmanager
-def empty_compile_caches():
-    """The environment for a worker process whose compile caches (torch's and Triton's on-disk ones) start empty
-    and are deleted afterwards: its cold compiled run compiles, whatever ran before it."""
-    with tempfile.TemporaryDirectory(prefix="mirage-bench-caches-") as caches:
-        yield {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{caches}/inductor", "TRITON_CACHE_DIR": f"{caches}/triton"}
 
 
 def run_worker(run_dir: Path, side: str, part: str, timeout: int, best: dict | None) -> dict:
@@ -444,72 +387,98 @@ def accelerate_note() -> str:
         return "(no accelerate)"
 
 
+LABELS = {
+    "text": "text encoding (prompt + negative)",
+    "text side": "  transformer text side (once per call)",
+    "step": "one denoising step (CFG, {resolution} px)",
+    "vae": "VAE decode",
+    "e2e": "load + generate ({steps} steps)",
+    "generate": "  generate, warm ({steps} steps)",
+}
+EXTRA_ROWS = {"step": "text side", "e2e": "generate"}  # timed in the same worker, shown under the part
+
+
 def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float]) -> str:
+    """The table: a header, each part's rows (times, ratios, difference, peak memory), then notes."""
+    lines = header(settings, inputs, load)
+    for part in (p for p in PARTS if p in results["ours"]):
+        lines += part_rows(part, settings, inputs, results["reference"][part], results["ours"][part])
+    return "\n".join(lines + dtype_note(settings, results) + projection(settings, results))
+
+
+def header(settings: dict, inputs: dict, load: tuple[float, float]) -> list[str]:
     import diffusers
 
-    cpu = settings["device"] == "cpu"
-    memory_name = "peak RSS" if cpu else "peak GPU memory"
-    lines = [
+    options = {
+        "ours compiled": settings.get("compile"),
+        "diffusers compiled": settings.get("compile_reference"),
+        "ours with CUDA graphs (e2e)": settings.get("cuda_graph"),
+        f"offload {settings.get('offload')} (e2e, both sides)": settings.get("offload"),
+    }
+    return [
         f"Mirage vs diffusers PRXPipeline, {datetime.now():%Y-%m-%d %H:%M}",
         f"{machine()}; torch {torch.__version__}, diffusers {diffusers.__version__} {accelerate_note()}; "
         f"load average {load[0]:.1f} before, {load[1]:.1f} after",
         f"{settings['device']} {settings['dtype']}, {settings['resolution']} px, {settings['vae']} VAE, "
         f"CFG {settings['guidance']}, prompt {inputs['prompt_tokens']} tokens, negative {inputs['negative_tokens']}; "
         f"components: best of {settings['repeats']} runs x {settings['rounds']} rounds"
-        f"{'; ours compiled' if settings.get('compile') else ''}"
-        f"{'; diffusers compiled' if settings.get('compile_reference') else ''}"
-        f"{'; ours with CUDA graphs (e2e)' if settings.get('cuda_graph') else ''}"
-        f"{'; offload ' + settings['offload'] + ' (e2e, both sides)' if settings.get('offload') else ''}",
+        + "".join(f"; {option}" for option, on in options.items() if on),
         "",
-        f"{'':40}{'reference':>11}{'mirage':>10}{'ours/ref':>9}{'speedup':>9}{'CPU time' if cpu else '':>10}"
-        "  max difference",
+        f"{'':40}{'reference':>11}{'mirage':>10}{'ours/ref':>9}{'speedup':>9}"
+        f"{'CPU time' if on_cpu(settings) else '':>10}  max difference",
     ]
-    labels = {
-        "text": "text encoding (prompt + negative)",
-        "text side": "  transformer text side (once per call)",
-        "step": f"one denoising step (CFG, {settings['resolution']} px)",
-        "vae": "VAE decode",
-        "e2e": f"load + generate ({settings['steps']} steps)",
-        "generate": f"  generate, warm ({settings['steps']} steps)",
-    }
-    extra_rows = {"step": "text side", "e2e": "generate"}
-    for part in PARTS:
-        if part not in results["ours"]:
+
+
+def on_cpu(settings: dict) -> bool:
+    return torch.device(settings["device"]).type == "cpu"
+
+
+def part_rows(part: str, settings: dict, inputs: dict, ref: dict, ours: dict) -> list[str]:
+    """Time rows (ours/ref and the speedup; on CPU also the ratio of CPU times), then TFLOP/s and peak memory."""
+    lines, cpu = [], on_cpu(settings)
+    for key in (k for k in (part, EXTRA_ROWS.get(part)) if k in ours["wall"]):
+        label, o = LABELS[key].format(**settings), ours["wall"][key]
+        if key not in ref["wall"]:  # done once per call by ours only
+            lines.append(f"{label:40}{'-':>11}{seconds(o):>10}")
             continue
-        ours, ref = results["ours"][part], results["reference"][part]
-        rows = [(key, labels[key]) for key in (part, extra_rows.get(part)) if key in ours["wall"]]
-        for key, label in rows:
-            o = ours["wall"][key]
-            if key not in ref["wall"]:
-                lines.append(f"{label:40}{'-':>11}{seconds(o):>10}")
-                continue
-            r = ref["wall"][key]
-            cpu_ratio = f"{ours['cpu'][key] / ref['cpu'][key]:10.2f}" if cpu else ""
-            diff = difference(part, ours["outputs"], ref["outputs"]) if key == part else ""
-            lines.append(f"{label:40}{seconds(r):>11}{seconds(o):>10}{o / r:9.2f}{r / o:8.2f}x{cpu_ratio}  {diff}")
-        if part == "step":
-            flops = step_flops(settings, inputs)
-            label = f"  model TFLOP/s ({flops / 1e12:.2f} TFLOP a step)"
-            lines.append(f"{label:40}{flops / ref['wall']['step'] / 1e12:11.3g}{flops / ours['wall']['step'] / 1e12:10.3g}")
-        for peak, name in (("peak_memory", memory_name), ("peak_reserved", "peak GPU memory reserved")):
-            if peak in ours:
-                r_mem, o_mem = ref[peak] / 1e9, ours[peak] / 1e9
-                label = f"  {name}, {part} process"
-                lines.append(f"{label:40}{r_mem:9.2f}GB{o_mem:8.2f}GB{o_mem / r_mem:9.2f}")
+        r = ref["wall"][key]
+        cpu_ratio = f"{ours['cpu'][key] / ref['cpu'][key]:10.2f}" if cpu else ""
+        diff = difference(part, ours["outputs"], ref["outputs"]) if key == part else ""
+        lines.append(f"{label:40}{seconds(r):>11}{seconds(o):>10}{o / r:9.2f}{r / o:8.2f}x{cpu_ratio}  {diff}")
+    if part == "step":
+        flops = step_flops(settings, inputs)
+        label = f"  model TFLOP/s ({flops / 1e12:.2f} TFLOP a step)"
+        lines.append(f"{label:40}{flops / ref['wall']['step'] / 1e12:11.3g}{flops / ours['wall']['step'] / 1e12:10.3g}")
+    memory_name = "peak RSS" if cpu else "peak GPU memory"
+    for peak, name in (("peak_memory", memory_name), ("peak_reserved", "peak GPU memory reserved")):
+        if peak in ours:
+            r_mem, o_mem = ref[peak] / 1e9, ours[peak] / 1e9
+            label = f"  {name}, {part} process"
+            lines.append(f"{label:40}{r_mem:9.2f}GB{o_mem:8.2f}GB{o_mem / r_mem:9.2f}")
+    return lines
+
+
+def dtype_note(settings: dict, results: dict) -> list[str]:
+    """A line naming our models that ran in another dtype than the one asked (mirage.precision), if any."""
     requested = dtype_name(DTYPES[settings["dtype"]])
     ran = {name: dtype for result in results["ours"].values() for name, dtype in result["dtypes"].items()}
     changed = ", ".join(f"{name} in {dtype}" for name, dtype in ran.items() if dtype != requested)
-    if changed:
-        lines.append(f"note: ours ran {changed} (mirage.precision); the reference ran everything in {settings['dtype']}")
-    if {"step", "text", "vae"} <= set(results["ours"]):
-        projected = {}
-        for side in SIDES:
-            wall = {k: v for part in ("text", "step", "vae") for k, v in results[side][part]["wall"].items()}
-            projected[side] = wall["text"] + wall.get("text side", 0) + settings["steps"] * wall["step"] + wall["vae"]
-        r, o = projected["reference"], projected["ours"]
-        label = f"projected: text + {settings['steps']} steps + decode"
-        lines.append(f"{label:40}{seconds(r):>11}{seconds(o):>10}{o / r:9.2f}{r / o:8.2f}x")
-    return "\n".join(lines)
+    if not changed:
+        return []
+    return [f"note: ours ran {changed} (mirage.precision); the reference ran everything in {settings['dtype']}"]
+
+
+def projection(settings: dict, results: dict) -> list[str]:
+    """A whole generation projected from the components (without loading), when all three were measured."""
+    if not {"step", "text", "vae"} <= set(results["ours"]):
+        return []
+    projected = {}
+    for side in SIDES:
+        wall = {k: v for part in ("text", "step", "vae") for k, v in results[side][part]["wall"].items()}
+        projected[side] = wall["text"] + wall.get("text side", 0) + settings["steps"] * wall["step"] + wall["vae"]
+    r, o = projected["reference"], projected["ours"]
+    label = f"projected: text + {settings['steps']} steps + decode"
+    return [f"{label:40}{seconds(r):>11}{seconds(o):>10}{o / r:9.2f}{r / o:8.2f}x"]
 
 
 def seconds(t: float) -> str:
@@ -532,13 +501,11 @@ def step_flops(settings: dict, inputs: dict) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 where it is native, else fp32")
-    parser.add_argument("--resolution", type=int, default=512, help="square image side in pixels (default: 512)")
+    add_model_options(parser)
     parser.add_argument("--steps", type=int, default=28, help="denoising steps end to end (default: 28)")
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale, > 1 (default: 5)")
-    parser.add_argument("--vae", default="flux", choices=VAE_TYPES, help="which VAE (and transformer) (default: flux)")
-    parser.add_argument("--prompt-tokens", type=int, default=30, help="prompt length in tokens with <bos> (default: 30)")
+    parser.add_argument("--prompt-tokens", type=int, default=34,
+                        help="prompt length: at least this many tokens with <bos>, in whole words (default: 34)")
     parser.add_argument("--negative-tokens", type=int, default=1, help="negative prompt length; 1 = empty, the default")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure (default: all)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per component, the fastest reported (default: 2)")
@@ -547,36 +514,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-reference", action="store_true", help="diffusers: compile what --compile does")
     parser.add_argument("--cuda-graph", action="store_true", help="ours, e2e: replay the steps as a CUDA graph")
     parser.add_argument("--offload", choices=("model", "sequential"), help="e2e: both sides offload models (CUDA)")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache ({DEFAULT_CACHE})")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per worker process (default: 1800)")
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "PART"), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # fmt: skip
     if args.worker is None:
-        try:
-            check_device(torch.device(args.device))
-        except (RuntimeError, ValueError) as err:  # torch.device raises RuntimeError for a name it does not know
-            parser.error(f"--device {args.device}: {err}")
-        if min(args.steps, args.repeats, args.rounds) < 1 or args.guidance <= 1:
-            parser.error("need --guidance > 1 and --steps, --repeats, --rounds >= 1")
-        if not 2 <= args.prompt_tokens <= TOKENIZER_MAX_LENGTH or not 1 <= args.negative_tokens <= TOKENIZER_MAX_LENGTH:
-            limit = TOKENIZER_MAX_LENGTH
-            parser.error(f"--prompt-tokens must be in [2, {limit}] and --negative-tokens in [1, {limit}]")
-        if args.cuda_graph and (args.device == "cpu" or args.offload == "sequential"):
-            parser.error("--cuda-graph needs --device cuda and no --offload sequential")
-        if (args.compile or args.compile_reference) and args.offload == "sequential":
-            parser.error("compiling does not combine with --offload sequential (each streamed part breaks the graph)")
-        if (args.compile or args.compile_reference) and args.repeats < 2 and set(args.parts) - {"e2e"}:
-            parser.error("--compile needs --repeats >= 2 for text, step and vae: a compiled model's first run compiles")
-        native = native_bf16(torch.device(args.device))
-        if args.dtype == "bf16" and not native:
-            parser.error(f"--dtype bf16: this {args.device} has no native bf16, so mirage would run fp32 and diffusers "
-                         "emulated bf16 kernels (~100x slower): use --dtype fp32")  # fmt: skip
-        args.dtype = args.dtype or ("bf16" if native else "fp32")
-        multiple = 16 if args.vae == "flux" else 32  # one latent patch in pixels
-        if args.resolution % multiple:
-            parser.error(f"--resolution must be a multiple of {multiple} with the {args.vae} VAE")
+        check_model_options(parser, args)
+        check_run_options(parser, args)
     return args
+
+
+def check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What compare.py alone takes: steps, guidance, prompt lengths, repeats, and what combines with what."""
+    if min(args.steps, args.repeats, args.rounds, args.timeout) < 1 or not 1 < args.guidance < math.inf:
+        parser.error("need a finite --guidance > 1 and --steps, --repeats, --rounds, --timeout >= 1")
+    if not 2 <= args.prompt_tokens <= TOKENIZER_MAX_LENGTH or not 1 <= args.negative_tokens <= TOKENIZER_MAX_LENGTH:
+        limit = TOKENIZER_MAX_LENGTH
+        parser.error(f"--prompt-tokens must be in [2, {limit}] and --negative-tokens in [1, {limit}]")
+    if (args.compile or args.compile_reference) and args.offload == "sequential":
+        parser.error("compiling does not combine with --offload sequential (each streamed part breaks the graph)")
+    cuda = torch.device(args.device).type == "cuda"
+    if args.cuda_graph and (not cuda or args.offload == "sequential"):
+        parser.error("--cuda-graph needs --device cuda and no --offload sequential")
+    if args.offload and not cuda:
+        parser.error("--offload needs --device cuda: it moves models between the CPU and the GPU")
+    if args.offload and importlib.util.find_spec("accelerate") is None:
+        parser.error("--offload: diffusers offloads with accelerate, which is not installed (pip install accelerate)")
+    if (args.compile or args.compile_reference) and args.repeats < 2 and set(args.parts) - {"e2e"}:
+        parser.error("--compile needs --repeats >= 2 for text, step and vae: a compiled model's first run compiles")
 
 
 def main(argv=None) -> None:
@@ -584,10 +549,10 @@ def main(argv=None) -> None:
     if args.worker is not None:
         worker(args.run_dir, *args.worker)
         return
-    run_dir = args.cache / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
         prx, mirage = ensure_checkpoint(args.cache, args.vae)
-        run_dir.mkdir(parents=True)
+        (args.cache / "runs").mkdir(exist_ok=True)
+        run_dir = Path(tempfile.mkdtemp(prefix=f"{datetime.now():%Y%m%d-%H%M%S}-", dir=args.cache / "runs"))
     except OSError as err:
         raise OSError(f"--cache {args.cache} cannot be used ({err.strerror or err}): choose a writable folder") from None
     settings = dict(
@@ -609,7 +574,6 @@ def main(argv=None) -> None:
     table = report(settings, inputs, results, (load_before, os.getloadavg()[0]))
     (run_dir / "report.txt").write_text(table + "\n")
     print("\n" + table)
-
 
 if __name__ == "__main__":
     try:

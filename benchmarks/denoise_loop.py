@@ -14,6 +14,7 @@ differently).
 import argparse
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,8 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-from checkpoint import DEFAULT_CACHE, VAE_TYPES, ensure_checkpoint  # noqa: E402
-from compare import Timer, empty_compile_caches  # noqa: E402
+from checkpoint import ensure_checkpoint  # noqa: E402
+from common import (  # noqa: E402
+    Timer, add_model_options, check_model_options, empty_compile_caches, left_padded_mask, load_ours,
+)  # fmt: skip
 
 from mirage.precision import DTYPES  # noqa: E402
 
@@ -33,25 +36,21 @@ PROMPT_TOKENS, NEGATIVE_TOKENS = 34, 1
 @torch.no_grad()
 def worker(folder: Path, mode: str, args: argparse.Namespace, out: Path) -> None:
     """Time a cold loop of `mode`, then the best of `args.loops - 1` warm ones; save the times and latents to `out`."""
-    from mirage.loading import load_model, read_config
+    from mirage.loading import read_config
     from mirage.sampling import denoise, flow_match_sigmas
-    from mirage.pipeline import compile_model
-    from mirage.precision import run_dtype
     from mirage.transformer import MirageTransformer
 
     config = read_config(folder)
     device = torch.device(args.device)
-    dtype = run_dtype(MirageTransformer, DTYPES[args.dtype], device)  # as the pipeline runs it
-    model = load_model(lambda: MirageTransformer(config.transformer), folder / "transformer.safetensors", device, dtype)
-    if mode.startswith("compiled"):
-        compile_model(model, "transformer")
+    dtype, compiled = DTYPES[args.dtype], mode.startswith("compiled")
+    model = load_ours(folder, "transformer", MirageTransformer, config.transformer, device, dtype, compiled)
+    dtype = model.dtype
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, PROMPT_TOKENS, config.transformer.context_in_dim, generator=gen).to(device, dtype)
-    mask = torch.ones(2, PROMPT_TOKENS, dtype=torch.bool, device=device)
-    mask[0, : PROMPT_TOKENS - NEGATIVE_TOKENS] = False  # the negative prompt's row (first, as batched), left-padded
+    mask = left_padded_mask([NEGATIVE_TOKENS, PROMPT_TOKENS], PROMPT_TOKENS, device)  # [2, L]
     side = args.resolution // config.vae.spatial_compression
     latents = torch.randn(1, config.transformer.in_channels, side, side, generator=gen).to(device, dtype)
-    sigmas = flow_match_sigmas(args.steps)
+    sigmas = flow_match_sigmas(args.steps, config.sampling.shift)
 
     def loop():
         context = model.encode_text(embeds, mask)
@@ -65,34 +64,38 @@ def worker(folder: Path, mode: str, args: argparse.Namespace, out: Path) -> None
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda or cpu (default: cuda)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="default: bf16")
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
+    add_model_options(parser, device="cuda")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps per loop (default: 28)")
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale, > 1 (default: 5)")
     parser.add_argument("--loops", type=int, default=3, help="loops per mode, the first cold (default: 3)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all")
-    parser.add_argument("--vae", choices=VAE_TYPES, default="flux", help="checkpoint variant (default: flux)")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache ({DEFAULT_CACHE})")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_model_options(parser, args)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     if args.loops < 2:
         parser.error("--loops must be at least 2: one cold loop, then warm ones")
     if args.guidance <= 1:
         parser.error("--guidance must be > 1: the loop measured is the CFG one (two text rows per image)")
     if torch.device(args.device).type != "cuda" and any(mode.endswith("graph") for mode in args.modes):
         parser.error("CUDA graph modes need --device cuda: choose --modes eager compiled")
-    _, folder = ensure_checkpoint(args.cache, args.vae)
+    try:
+        _, folder = ensure_checkpoint(args.cache, args.vae)
+        (args.cache / "runs").mkdir(exist_ok=True)
+    except OSError as err:
+        parser.error(f"--cache {args.cache} cannot be used ({err.strerror or err}): choose a writable folder")
     if args.worker:
         worker(folder, args.worker[0], args, Path(args.worker[1]))
         return
+    run_dir = Path(tempfile.mkdtemp(prefix="denoise-loop-", dir=args.cache / "runs"))
     results = {}
     for mode in args.modes:
-        out = folder.parent / "runs" / f"denoise-loop-{mode}.pt"
-        out.parent.mkdir(exist_ok=True)
+        out = run_dir / f"{mode}.pt"
         command = [sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", mode, str(out)]
         with empty_compile_caches() as env:
-            subprocess.run(command, check=True, env=env)
+            if subprocess.run(command, env=env).returncode:
+                sys.exit(f"denoise_loop.py: error: the {mode} worker failed (its error is above)")
         results[mode] = torch.load(out)
     report(results, args)
 

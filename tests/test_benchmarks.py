@@ -1,16 +1,21 @@
-"""benchmarks/compare.py's own bad input: refused in one line before any checkpoint is built or worker started
-(the measurements themselves need the full-size model, so they are not tests)."""
+"""The benchmark scripts: bad options refused in one line before any checkpoint is built or worker started, and
+a whole compare.py run on the tiny checkpoints (workers in this process), whose two sides must compute the same
+thing. What the full-size runs measure (time, memory) is the benchmark's output, not a test."""
 
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
 import compare  # noqa: E402
+import denoise_loop  # noqa: E402
+import profile_step  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -18,9 +23,16 @@ import compare  # noqa: E402
     [
         (["--device", "meta"], "--device meta: device 'meta' is not one mirage runs on"),
         (["--device", "bogus"], "--device bogus: Expected one of"),
-        (["--steps", "0"], "--steps, --repeats, --rounds >= 1"),
-        (["--resolution", "100"], "--resolution must be a multiple of 16"),
+        (["--steps", "0"], "--steps, --repeats, --rounds, --timeout >= 1"),
+        (["--timeout", "0"], "--steps, --repeats, --rounds, --timeout >= 1"),
+        (["--guidance", "nan"], "need a finite --guidance > 1"),
+        (["--resolution", "100"], "--resolution must be a positive multiple of 16 with the flux VAE"),
+        (["--resolution", "0"], "--resolution must be a positive multiple of 16"),
+        (["--resolution", "-16"], "--resolution must be a positive multiple of 16"),
+        (["--vae", "dc-ae", "--resolution", "48"], "--resolution must be a positive multiple of 32 with the dc-ae VAE"),
         (["--cuda-graph"], "--cuda-graph needs --device cuda"),
+        (["--device", "cpu:0", "--cuda-graph"], "--cuda-graph needs --device cuda"),
+        (["--offload", "model"], "--offload needs --device cuda"),
         (["--compile-reference", "--offload", "sequential"], "compiling does not combine with --offload sequential"),
     ],
 )
@@ -30,15 +42,46 @@ def test_bad_options_are_refused_by_the_parser(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_the_dtype_is_one_both_sides_run_natively(native, monkeypatch, capsys):
-    # Without native bf16 mirage runs fp32 while diffusers would run emulated bf16, ~100x slower: no comparison.
-    monkeypatch.setattr(compare, "native_bf16", lambda device: native)
-    assert compare.parse_args([]).dtype == ("bf16" if native else "fp32")
-    if not native:
-        with pytest.raises(SystemExit):
-            compare.parse_args(["--dtype", "bf16"])
-        assert "this cpu has no native bf16" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "main, args",
+    [(denoise_loop.main, ["--device", "cpu", "--modes", "eager"]), (profile_step.main, [])],
+    ids=["denoise_loop", "profile_step"],
+)
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--device", "bogus"], "--device bogus: Expected one of"),
+        (["--resolution", "24"], "--resolution must be a positive multiple of 16"),
+        (["--cache", "/proc/no-such-cache"], "--cache /proc/no-such-cache cannot be used"),
+    ],
+)
+def test_the_other_scripts_refuse_bad_options_in_one_line(main, args, bad, message, capsys):
+    with pytest.raises(SystemExit):
+        main(args + bad)
+    assert message in capsys.readouterr().err
+
+
+def test_the_device_is_normalised_and_mps_is_not_timed(monkeypatch, capsys):
+    assert compare.parse_args(["--device", "cpu:0"]).device == "cpu"  # one name for reports and safetensors
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(SystemExit):  # the timer synchronises CUDA only, and the report knows RSS and CUDA memory
+        compare.parse_args(["--device", "mps"])
+    assert "--device mps: the benchmarks run on cpu or cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native_bf16, native_fp16", [(False, False), (True, False), (True, True)])
+def test_the_dtype_is_one_both_sides_run_natively(native_bf16, native_fp16, monkeypatch, capsys):
+    # Without native kernels mirage runs fp32 while diffusers would run slow emulated ones: no comparison.
+    natives = {torch.float32: True, torch.bfloat16: native_bf16, torch.float16: native_fp16}
+    monkeypatch.setattr(common, "native", lambda dtype, device: natives[dtype])
+    assert compare.parse_args([]).dtype == ("bf16" if native_bf16 else "fp32")
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if natives[dtype]:
+            assert compare.parse_args(["--dtype", name]).dtype == name
+        else:
+            with pytest.raises(SystemExit):
+                compare.parse_args(["--dtype", name])
+            assert f"this cpu has no native {name} kernels" in capsys.readouterr().err
 
 
 def test_compiled_components_need_a_second_run(capsys):
@@ -111,3 +154,122 @@ def test_a_failed_worker_is_one_line(failure, message, tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", run)
     with pytest.raises(RuntimeError, match=message):
         compare.run_worker(tmp_path, "reference", "text", 5, None)
+
+
+def test_offload_needs_accelerate_for_the_reference(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(compare.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--device", "cuda", "--dtype", "fp32", "--offload", "model"])
+    assert "diffusers offloads with accelerate, which is not installed" in capsys.readouterr().err
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vae", ["flux", "dc-ae"])
+def test_a_whole_run_compares_the_same_computation(vae, request, tmp_path, monkeypatch, capsys):
+    """compare.py end to end on the tiny checkpoints, each worker run in this process: every part's two sides
+    (text encoding, one CFG step, one decode, a 2-step generation) must agree as the parity tests require."""
+    suffix = "flux" if vae == "flux" else "dcae"
+    prx, mirage = request.getfixturevalue(f"prx_{suffix}"), request.getfixturevalue(f"mirage_{suffix}")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name, target in ((f"prx-{vae}", prx), (f"mirage-{vae}", mirage), ("t5gemma-2b-encoder", prx / "text_encoder")):
+        (cache / name).symlink_to(target)  # what ensure_checkpoint finds, so it builds nothing
+    monkeypatch.setattr(compare, "quiet_oracles", lambda: None)  # global settings of this test process: left alone
+    run = subprocess.run  # platform.processor() runs uname with it
+
+    def run_here(cmd, **kwargs):  # a worker's command is [python, compare.py, --worker, ...]
+        return compare.main(cmd[2:]) if "--worker" in cmd else run(cmd, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run_here)
+    compare.main(["--cache", str(cache), "--vae", vae, "--resolution", "32", "--steps", "2", "--prompt-tokens", "12",
+                  "--repeats", "1", "--dtype", "fp32"])  # fmt: skip
+    table = capsys.readouterr().out
+    rows = {
+        "text encoding": r"text encoding \(prompt \+ negative\)",
+        "step": r"one denoising step \(CFG, 32 px\)",
+        "decode": r"VAE decode",
+        "generation": r"load \+ generate \(2 steps\)",
+    }
+    for name, label in rows.items():
+        match = re.search(rf"^{label} .* (\S+) (rel|max)", table, re.M)
+        assert match, f"no {name} row with a difference in:\n{table}"
+        assert float(match[1]) < 2e-5, f"the two sides' {name} differ by {match[1]}:\n{table}"
+    assert re.search(r"^projected: text \+ 2 steps \+ decode ", table, re.M)
+
+
+def test_difference_compares_the_same_positions():
+    real = torch.tensor([[False, False, True], [False, True, True]])  # [2, 3]: ours, padded to the longer prompt
+    ours_text = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    ref_text = torch.cat([torch.full((2, 5, 2), 99.0), ours_text], dim=1)  # the reference pads to 8, on the left
+    ref_mask = torch.cat([torch.zeros(2, 5, dtype=torch.bool), real], dim=1)
+    ref_text[1, -1, 0] += 0.5  # a real token's value: the only difference
+    ref_text[0, -2, 0] += 100.0  # a padded position's: not compared
+    ours, ref = {"text": ours_text, "text_mask": real}, {"text": ref_text, "text_mask": ref_mask}
+    assert compare.difference("text", ours, ref) == f"{0.5 / 11:.2g} rel"  # max |ref| at real tokens is 11
+    ref["text_mask"] = torch.roll(ref_mask, 1, dims=1)
+    assert compare.difference("text", ours, ref) == "the two sides tokenised differently"
+    images = torch.zeros(1, 3, 2, 2)
+    e2e = compare.difference("e2e", {"images": images + 0.25}, {"images": images})
+    assert e2e == "0.25 max, 0.25 mean |px| in [0, 1]"
+    assert compare.difference("vae", {"decoded": images + 1}, {"decoded": images - 3}) == "1.3 rel"  # 4 / max(1, 3)
+
+
+def test_the_report_gives_ratios_speedups_and_the_projection(monkeypatch):
+    def result(seconds: dict, peak: float) -> dict:
+        outputs = {"text": torch.zeros(2, 3, 4), "text_mask": torch.ones(2, 3, dtype=torch.bool),
+                   "velocity": torch.zeros(1, 4), "decoded": torch.zeros(1, 4)}  # fmt: skip
+        return {"wall": seconds, "cpu": seconds, "peak_memory": peak, "dtypes": {}, "outputs": outputs}
+
+    settings = dict(device="cpu", dtype="fp32", resolution=512, vae="flux", guidance=5.0, steps=28, repeats=2, rounds=1,
+                    mirage="unused")  # fmt: skip
+    reference = {"text": result({"text": 8.0}, 4e9), "step": result({"step": 2.0}, 2e9),
+                 "vae": result({"vae": 3.0}, 1e9)}  # fmt: skip
+    ours = {"text": result({"text": 2.0}, 3e9), "step": result({"step": 1.6, "text side": 0.5}, 1e9),
+            "vae": result({"vae": 2.0}, 1e9)}  # fmt: skip
+    monkeypatch.setattr(compare, "step_flops", lambda settings, inputs: 4e12)  # it reads a checkpoint: not tested here
+    inputs, results = {"prompt_tokens": 34, "negative_tokens": 1}, {"reference": reference, "ours": ours}
+    table = compare.report(settings, inputs, results, (0.0, 0.0))
+    assert re.search(r"\ntext encoding \(prompt \+ negative\) +8\.00 s +2\.00 s +0\.25 +4\.00x +0\.25  0 rel\n", table)
+    assert re.search(r"\n  transformer text side \(once per call\) +- +500\.0 ms\n", table)
+    assert re.search(r"\none denoising step \(CFG, 512 px\) +2\.00 s +1\.60 s +0\.80 +1\.25x", table)
+    assert re.search(r"\n  model TFLOP/s \(4\.00 TFLOP a step\) +2 +2\.5\n", table)
+    assert re.search(r"\n  peak RSS, text process +4\.00GB +3\.00GB +0\.75\n", table)
+    # 8 + 28 x 2 + 3 = 67 s against 2 + 0.5 + 28 x 1.6 + 2 = 49.3 s
+    assert re.search(r"\nprojected: text \+ 28 steps \+ decode +67\.00 s +49\.30 s +0\.74 +1\.36x$", table)
+
+
+def test_the_timer_keeps_each_parts_best_time():
+    durations = iter([0.05, 0.0, 0.03])
+    timer = common.Timer(torch.device("cpu"), repeats=3)
+    assert timer("part", lambda: time.sleep(next(durations)) or "last") == "last"
+    assert timer.wall["part"] < 0.02 and timer.cpu["part"] < 0.02
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_peak_memory_is_this_process_peak():
+    def resident() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)[1]) * 1024
+
+    before = resident()
+    block = torch.ones(400 * 2**20, dtype=torch.uint8)  # touched: 400 MiB resident
+    del block
+    assert resident() < before + 200 * 2**20  # freed...
+    assert common.peak_memory(torch.device("cpu")) >= before + 380 * 2**20  # ...and still counted in the peak
+
+
+def test_rounds_merge_into_the_best_times_and_the_highest_peak(tmp_path, monkeypatch):
+    rounds = iter([({"step": 2.0}, 5e9), ({"step": 1.0}, 3e9)])
+
+    def run(cmd, **kwargs):  # what a worker writes
+        wall, peak = next(rounds)
+        (tmp_path / "ours-step.json").write_text(compare.json.dumps({"wall": wall, "cpu": wall, "peak_memory": peak}))
+        torch.save({}, tmp_path / "ours-step.pt")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    first = compare.run_worker(tmp_path, "ours", "step", 5, None)
+    merged = compare.run_worker(tmp_path, "ours", "step", 5, first)
+    assert merged["wall"] == {"step": 1.0} and merged["peak_memory"] == 5e9
