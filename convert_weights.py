@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -551,19 +550,8 @@ def main(argv=None) -> None:
     print(f"wrote {out}")
 
 
-def stop_on_signals() -> None:
-    """End on SIGTERM (kill, timeout, docker stop) and SIGHUP as on Ctrl-C, so that the clean-up runs."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), interrupt)
-
-
 if __name__ == "__main__":
-    stop_on_signals()
+    mirage.stop_on_signals()
     try:
         main()
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ guidance 1 for distilled checkpoints). Every PNG carries its prompt and settings
 
 import argparse
 import math
+import os
 import random
 import sys
 import tempfile
@@ -27,9 +28,10 @@ import mirage
 mirage.use_huge_pages()  # before anything imports torch
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # mirage.precision.DTYPES' keys, spelled out: --help answers before torch loads
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Where a checkpoint is looked for without --weights: weights/ where you are, then the one beside sample.py.
+WEIGHTS_DIRS = (Path("weights"), Path(__file__).resolve().parent / "weights")
 HOW_TO_GET_WEIGHTS = (
-    "no converted checkpoint in weights/. Get one with:\n"
+    "no converted checkpoint in weights/ (looked in {}). Get one with:\n"
     "  pip install huggingface_hub\n"
     "  python convert_weights.py Photoroom/prx-512-t2i-sft weights/prx-512-t2i-sft"
 )
@@ -95,6 +97,8 @@ def check(options: Options) -> None:
         raise ValueError("--output and --num-images go with --prompt: a prompts file makes one image per line")
     if options.prompts_file is None and (options.outdir is not None or options.batch_size != 1):
         raise ValueError("--outdir and --batch-size go with --prompts-file (--num-images batches one --prompt)")
+    if options.prompt is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would make them
+        raise ValueError("--prompt runs in one process: with torchrun, give --prompts-file (one line per image)")
     if options.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.steps is not None and options.steps < 1:
@@ -136,16 +140,18 @@ def lora_spec(spec: str) -> tuple[Path, float]:
 
 
 def find_weights(weights: Path | None) -> Path:
-    """--weights, or the only folder under weights/; with none, say how to make one."""
+    """--weights, or the only checkpoint in the first weights/ folder that has any; with none, say how to make one."""
     if weights is not None:
         return weights
-    found = WEIGHTS_DIR.iterdir() if WEIGHTS_DIR.is_dir() else []
-    folders = sorted(p for p in found if p.is_dir() and not p.name.startswith("."))  # not a conversion's .NAME.tmp-PID
-    if not folders:
-        raise FileNotFoundError(HOW_TO_GET_WEIGHTS)
-    if len(folders) > 1:
-        raise ValueError(f"weights/ holds {len(folders)} checkpoints: choose one with --weights weights/NAME")
-    return folders[0]
+    folders = list(dict.fromkeys(path.absolute() for path in WEIGHTS_DIRS))  # once each, in order
+    for folder in folders:
+        found = folder.iterdir() if folder.is_dir() else []
+        checkpoints = sorted(p for p in found if (p / "config.json").is_file() and not p.name.startswith("."))
+        if len(checkpoints) > 1:  # (a hidden folder is a conversion's .NAME.tmp-PID)
+            raise ValueError(f"{folder} holds {len(checkpoints)} checkpoints: choose one with --weights {folder}/NAME")
+        if checkpoints:
+            return checkpoints[0]
+    raise FileNotFoundError(HOW_TO_GET_WEIGHTS.format(" and ".join(map(str, folders))))
 
 
 def output_paths(output: Path | None, count: int, trajectory: bool = False) -> list[Path]:
@@ -165,8 +171,30 @@ def output_paths(output: Path | None, count: int, trajectory: bool = False) -> l
     for path in paths:
         if path.exists():
             raise FileExistsError(f"{path} exists: choose another --output (sample.py never overwrites)")
-        check_writable(path.parent, "--output")
+    for folder in {path.parent for path in paths}:
+        check_writable(folder, "--output")
     return paths
+
+
+def claim(paths: list[Path], options: Options) -> list[Path]:
+    """Take the output names for good just before writing: each is created empty, only if no file has that name
+    (atomically), so that a run started meanwhile into the same folder can take none of them. Default names move
+    on to the next free numbers; an --output taken meanwhile is an error."""
+    while True:
+        made = []
+        try:
+            for path in paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.open("xb").close()
+                made.append(path)
+            return paths
+        except FileExistsError:
+            for path in made:
+                path.unlink()
+            if options.output is not None:
+                taken = f"{path} was written meanwhile by something else"
+                raise FileExistsError(f"{taken}: choose another --output") from None
+            paths = output_paths(None, options.num_images, options.save_trajectory)
 
 
 def check_writable(folder: Path, flag: str) -> None:
@@ -210,8 +238,15 @@ def main(argv=None) -> None:
     )
     settings = {**run_settings(options, weights, pipe), "seed": seed, "output": None, **used}
     strips = trajectory.strips(pipe, images[0].height, images[0].width) if trajectory else []
-    for index, (picture, path) in enumerate(zip(images + strips, paths)):  # the images, then their strips
-        write_png(picture, path, {**settings, "image_index": index % len(images)})
+    paths = claim(paths, options)
+    try:
+        for index, (picture, path) in enumerate(zip(images + strips, paths)):  # the images, then their strips
+            write_png(picture, path, {**settings, "image_index": index % len(images)})
+    except BaseException:  # Ctrl-C, a full disk: no empty file is left under a claimed name
+        for path in paths:
+            if path.exists() and path.stat().st_size == 0:
+                path.unlink()
+        raise
     elapsed = time.perf_counter() - started
     print(f"wrote {', '.join(map(str, paths))} in {elapsed:.1f} s")
 
@@ -303,6 +338,15 @@ def add_loras(pipe, options: Options) -> None:
         pipe.load_lora(lora_path, scale, name=str(lora_path))
 
 
+OUT_OF_MEMORY = "out of memory: try a smaller --height/--width, fewer --num-images or a smaller --batch-size"
+
+
+def out_of_memory(err: Exception) -> bool:
+    """torch reports running out of memory as RuntimeErrors: torch.OutOfMemoryError on GPUs, the CPU allocator's
+    "can't allocate memory" (a batch of a thousand 1024 px images asks for 100 GB at once)."""
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err)
+
+
 def run_settings(options: Options, weights: Path, pipe) -> dict:
     """What every PNG's metadata records about the run, besides the image's own prompt and seed: the dtype is the
     one the transformer ran in (bf16 asked on a CPU without it runs fp32); paths are absolute, so that a resumed
@@ -315,11 +359,12 @@ def run_settings(options: Options, weights: Path, pipe) -> dict:
 
 
 if __name__ == "__main__":
+    mirage.stop_on_signals()
     try:
         main()
     except KeyboardInterrupt:
         sys.exit("sample.py: interrupted: images finished so far are written, none half-written")
     except MemoryError:
-        sys.exit("sample.py: error: out of memory: try a smaller --height/--width or --batch-size")
+        sys.exit(f"sample.py: error: {OUT_OF_MEMORY}")
     except (ValueError, OSError, RuntimeError, ArithmeticError) as err:  # CheckpointError is a RuntimeError
-        sys.exit(f"sample.py: error: {err}")
+        sys.exit(f"sample.py: error: {OUT_OF_MEMORY if out_of_memory(err) else err}")

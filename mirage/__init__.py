@@ -1,6 +1,7 @@
 """mirage: a standalone, pure-PyTorch reference implementation of the Mirage (PRX) text-to-image model."""
 
 import os
+import signal
 
 
 def use_huge_pages() -> None:
@@ -10,3 +11,15 @@ def use_huge_pages() -> None:
     first CPU allocation of 2 MB or more, so `sample.py` and `convert_weights.py` call this before importing it; in
     your own program, set the variable before `import torch`. It changes no result, only how memory is mapped."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def stop_on_signals() -> None:
+    """End on SIGTERM (kill, timeout, docker stop) and SIGHUP as on Ctrl-C, so that the scripts' clean-up runs
+    (no half-written checkpoint or image is left) and they say so in one line."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), interrupt)

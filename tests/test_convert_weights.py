@@ -463,7 +463,7 @@ def test_leftovers_of_killed_conversions_are_removed(prx_flux, mirage_flux, tmp_
         (weights / name).mkdir(parents=True)
     convert(prx_flux, weights / "prx")
     assert sorted(p.name for p in weights.iterdir()) == [f".other.tmp-{gone.pid}", f".prx.tmp-{os.getppid()}", "prx"]
-    monkeypatch.setattr(sample, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(sample, "WEIGHTS_DIRS", (weights,))
     assert sample.find_weights(None) == weights / "prx"
     # killed between swap_in's two renames: the old checkpoint, set aside, goes back where it was, and is not
     # replaced without --force

@@ -88,9 +88,57 @@ def test_inf_or_nan_output_is_one_line_naming_the_model(mirage_flux, tmp_path):
 def test_without_weights_it_says_how_to_get_them(tmp_path, monkeypatch):
     import sample
 
-    monkeypatch.setattr(sample, "WEIGHTS_DIR", tmp_path / "weights")
-    with pytest.raises(FileNotFoundError, match="convert_weights.py Photoroom/prx-512-t2i-sft"):
+    monkeypatch.setattr(sample, "WEIGHTS_DIRS", (tmp_path / "weights",))
+    (tmp_path / "weights" / "empty").mkdir(parents=True)  # a folder without config.json is no checkpoint
+    with pytest.raises(FileNotFoundError, match=f"looked in {tmp_path / 'weights'}\\)") as error:
         sample.find_weights(None)
+    assert "convert_weights.py Photoroom/prx-512-t2i-sft" in str(error.value)
+
+
+def test_weights_are_looked_for_where_you_are_then_beside_sample_py(tmp_path, monkeypatch):
+    import sample
+
+    here, beside = tmp_path / "here", tmp_path / "repo"
+    for folder in (here / "weights" / "mine", beside / "weights" / "a", beside / "weights" / "b"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    monkeypatch.chdir(here)  # where convert_weights.py wrote weights/mine
+    monkeypatch.setattr(sample, "WEIGHTS_DIRS", (Path("weights"), beside / "weights"))
+    assert sample.find_weights(None) == here / "weights" / "mine"
+    (here / "weights" / "mine" / "config.json").unlink()
+    with pytest.raises(ValueError, match=f"{beside / 'weights'} holds 2 checkpoints: choose one with --weights"):
+        sample.find_weights(None)
+
+
+def test_names_taken_meanwhile_are_never_overwritten(tmp_path, monkeypatch):
+    """Another run into outputs/ may write the numbers this one chose while its images were made: the names are
+    taken again, atomically, just before writing."""
+    import sample
+
+    monkeypatch.chdir(tmp_path)
+    options = sample.Options(prompt="a cat", num_images=2, save_trajectory=True)
+    chosen = sample.output_paths(None, 2, trajectory=True)
+    assert [p.name for p in chosen] == ["00000.png", "00001.png", "00000.trajectory.png", "00001.trajectory.png"]
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "00001.png").write_bytes(b"another run's image")
+    claimed = sample.claim(chosen, options)
+    assert [p.name for p in claimed] == ["00002.png", "00003.png", "00002.trajectory.png", "00003.trajectory.png"]
+    assert (tmp_path / "outputs" / "00001.png").read_bytes() == b"another run's image"
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == sorted(["00001.png", *(p.name for p in claimed)])
+    given = sample.Options(prompt="a cat", output=tmp_path / "cat.png")
+    paths = sample.output_paths(given.output, 1)
+    paths[0].write_bytes(b"written meanwhile")
+    with pytest.raises(FileExistsError, match="cat.png was written meanwhile by something else: choose another"):
+        sample.claim(paths, given)
+    assert paths[0].read_bytes() == b"written meanwhile"
+
+
+def test_prompt_is_refused_under_torchrun(monkeypatch):
+    import sample
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each process would make the same images under the same names
+    with pytest.raises(ValueError, match="--prompt runs in one process: with torchrun, give --prompts-file"):
+        sample.parse_options(["--prompt", "a cat"])
 
 
 def test_output_folders_are_checked_without_being_made(tmp_path):
@@ -126,23 +174,33 @@ import mirage.pipeline  # what sample.py imports once its flags are checked
 
 
 INTERRUPTED = """
-import runpy, sys
+import os, runpy, signal, sys, time
 from mirage.pipeline import MiragePipeline
 
-def interrupted(*args, **kwargs):  # Ctrl-C while the images are made
-    raise {"ctrl-c": KeyboardInterrupt, "memory": MemoryError}[how]
+def interrupted(*args, **kwargs):  # stopped while the images are made
+    if how == "sigterm":  # kill, timeout, docker stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+    raise {
+        "ctrl-c": KeyboardInterrupt(), "memory": MemoryError(),
+        "allocator": RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1048576000 bytes"),
+    }[how]
 
 MiragePipeline.__call__ = interrupted
 how, sys.argv = sys.argv[1], sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+OUT_OF_MEMORY = "out of memory: try a smaller --height/--width, fewer --num-images or a smaller --batch-size"
+
 
 @pytest.mark.parametrize(
     "how, message",
     [
         ("ctrl-c", "sample.py: interrupted: images finished so far are written, none half-written"),
-        ("memory", "sample.py: error: out of memory: try a smaller --height/--width or --batch-size"),
+        ("sigterm", "sample.py: interrupted: images finished so far are written, none half-written"),
+        ("memory", f"sample.py: error: {OUT_OF_MEMORY}"),
+        ("allocator", f"sample.py: error: {OUT_OF_MEMORY}"),
     ],
 )
 def test_ctrl_c_and_out_of_memory_are_one_line(mirage_flux, tmp_path, how, message):
@@ -152,3 +210,41 @@ def test_ctrl_c_and_out_of_memory_are_one_line(mirage_flux, tmp_path, how, messa
     )  # fmt: skip
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [message], result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_run_stopped_while_writing_leaves_no_empty_file(mirage_flux, tmp_path, monkeypatch):
+    import sample
+    from mirage import jobs
+
+    monkeypatch.chdir(tmp_path)
+    write_png = jobs.write_png
+
+    def write_one_then_stop(image, path, settings):
+        if path.name != "00000.png":
+            raise KeyboardInterrupt  # Ctrl-C after the first image is written
+        write_png(image, path, settings)
+
+    monkeypatch.setattr(jobs, "write_png", write_one_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(["--prompt", "a cat", "--weights", str(mirage_flux), "--steps", "2", "--num-images", "2"])
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["00000.png"]  # not 00001.png, empty
+    assert Image.open(tmp_path / "outputs" / "00000.png").size == (256, 256)
+
+
+def test_a_run_into_the_same_folder_meanwhile_keeps_its_image(mirage_flux, tmp_path, monkeypatch):
+    import sample
+    from mirage.pipeline import MiragePipeline
+
+    monkeypatch.chdir(tmp_path)
+    call = MiragePipeline.__call__
+
+    def another_run_writes_first(self, *args, **kwargs):  # while these images are made
+        images = call(self, *args, **kwargs)
+        (tmp_path / "outputs").mkdir()
+        (tmp_path / "outputs" / "00000.png").write_bytes(b"another run's image")
+        return images
+
+    monkeypatch.setattr(MiragePipeline, "__call__", another_run_writes_first)
+    sample.main(["--prompt", "a cat", "--weights", str(mirage_flux), "--steps", "2"])
+    assert (tmp_path / "outputs" / "00000.png").read_bytes() == b"another run's image"
+    assert Image.open(tmp_path / "outputs" / "00001.png").size == (256, 256)
