@@ -105,10 +105,14 @@ def is_ample(device: torch.device, weight_bytes: int) -> bool:
 
 
 def available_bytes(device: torch.device) -> int:
+    """Free memory on `device`, or the best figure the OS gives for it."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        pages = os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # no such figure on this OS: assume there is room
-        return 1 << 62
-    return pages * os.sysconf("SC_PAGE_SIZE")
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):  # torch >= 2.5
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()  # Metal's budget, unused part
+    for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):  # free memory (Linux), else all of it (macOS has only that)
+        try:
+            return os.sysconf(name) * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            continue
+    return 0  # no figure (Windows): assume memory is tight, so the text encoder is freed and read again when needed

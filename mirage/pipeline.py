@@ -161,6 +161,9 @@ def check_device(device: torch.device) -> None:
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if device.type not in available:
         raise ValueError(f"device {str(device)!r} is not one mirage runs on: use cuda, mps or cpu")
+    if device.type == "mps" and torch.backends.mps.is_built() and not available["mps"]:
+        raise ValueError("torch sees no usable mps device (it needs Apple silicon, and macOS 14 or newer with torch "
+                         ">= 2.9): use cpu")  # fmt: skip
     if not available[device.type]:
         raise ValueError(f"this torch build sees no {device.type} device: use cpu (or install a torch that has it)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -254,8 +257,8 @@ class MiragePipeline:
                 raise CheckpointError(f"{file} is missing: convert the checkpoint again (python convert_weights.py)")
         device = torch.device(device) if device is not None else default_device()
         check_device(device)
-        if device.type == "cpu":
-            device = torch.device("cpu")  # "cpu:0" is the same device, and safetensors knows it only as "cpu"
+        if device.type in ("cpu", "mps"):  # "cpu:0" is the one CPU (and "mps:0" the one Apple GPU), and safetensors
+            device = torch.device(device.type)  # before 0.8 knows them only as "cpu" and "mps"
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if dtype not in (None, *DTYPES.values()):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or their torch dtypes, got {dtype!r}")

@@ -60,7 +60,7 @@ def native_bf16(device: torch.device) -> bool:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 kernels: AVX-512 CPUs on
     if device.type == "cuda":  # Ampere and later; asked of this device, where is_bf16_supported asks the current one
         return torch.cuda.get_device_properties(device).major >= 8
-    return device.type == "mps"
+    return device.type == "mps" and torch.backends.mps.is_macos_or_newer(14, 0)  # torch refuses bf16 on older macOS
 
 
 def native_fp16(device: torch.device) -> bool:

@@ -298,3 +298,24 @@ def test_converting_read_never_holds_the_file_and_its_conversion(tmp_path):
     script = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True, check=True)
     fp32_bytes = 16 * 2048 * 4096 * 4
     assert fp32_bytes <= int(script.stdout) < 1.1 * fp32_bytes
+
+
+def test_free_memory_figures_per_device_and_os(monkeypatch):
+    """Apple GPUs: Metal's budget for the process, less what it holds. CPUs: free memory where the OS says (Linux),
+    all of it where it says only that (macOS), none where it says nothing (Windows: the text encoder is freed)."""
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 12 << 30, raising=False)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 << 30)
+    assert memory.available_bytes(torch.device("mps")) == 10 << 30
+    pages = {"SC_AVPHYS_PAGES": 1000, "SC_PHYS_PAGES": 4000, "SC_PAGE_SIZE": 4096}
+
+    def sysconf(name):
+        if name not in pages:
+            raise ValueError(f"unrecognized configuration name {name}")
+        return pages[name]
+
+    monkeypatch.setattr(memory.os, "sysconf", sysconf)
+    assert memory.available_bytes(torch.device("cpu")) == 1000 * 4096
+    del pages["SC_AVPHYS_PAGES"]
+    assert memory.available_bytes(torch.device("cpu")) == 4000 * 4096
+    monkeypatch.delattr(memory.os, "sysconf")
+    assert memory.available_bytes(torch.device("cpu")) == 0 and not memory.is_ample(torch.device("cpu"), 1)

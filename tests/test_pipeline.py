@@ -365,10 +365,20 @@ def test_only_the_three_dtypes_are_taken(mirage_flux, dtype):
     assert MiragePipeline.from_pretrained(mirage_flux, device="cpu", dtype="fp32").dtype == torch.float32
 
 
-def test_cpu_0_is_the_cpu(mirage_flux):
-    """safetensors takes "cpu", not "cpu:0": the weights load whatever the spelling."""
+def test_cpu_0_is_the_cpu(mirage_flux, monkeypatch):
+    """safetensors takes "cpu", not "cpu:0" (nor "mps:0" before 0.8): the weights load whatever the spelling."""
     pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu:0")
     assert pipe.device == torch.device("cpu") and pipe.transformer.txt_in.weight.device.type == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    assert MiragePipeline.from_pretrained(mirage_flux, device="mps:0").device == torch.device("mps")
+
+
+def test_an_apple_gpu_torch_cannot_use_is_explained(mirage_flux, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # an Intel Mac, or macOS 13 with torch 2.9
+    with pytest.raises(ValueError, match="torch sees no usable mps device \\(it needs Apple silicon, and macOS 14"):
+        MiragePipeline.from_pretrained(mirage_flux, device="mps")
 
 
 def test_offload_on_the_cpu_says_it_does_nothing(mirage_flux, caplog):

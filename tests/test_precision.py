@@ -61,3 +61,13 @@ def test_native_bf16_asks_the_cuda_device_named(monkeypatch):
                         lambda device: SimpleNamespace(major=majors[torch.device(device).index or 0]))  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # the current one's
     assert precision.native_bf16(torch.device("cuda:0")) and not precision.native_bf16(torch.device("cuda:1"))
+
+
+@pytest.mark.parametrize("macos_14", [True, False])
+def test_bf16_on_apple_gpus_needs_macos_14(macos_14, monkeypatch):
+    """torch refuses bf16 tensors on MPS before macOS 14 ("MPS BFloat16 is only supported on MacOS 14 or newer")."""
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (14, 0) and macos_14)
+    assert precision.native_bf16(torch.device("mps")) is macos_14
+    precision._log_once.cache_clear()
+    expected = torch.bfloat16 if macos_14 else torch.float32
+    assert run_dtype(MirageTransformer, torch.bfloat16, "mps") == run_dtype(FluxVAE, torch.float16, "mps") == expected
