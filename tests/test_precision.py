@@ -66,7 +66,8 @@ def test_native_bf16_asks_the_cuda_device_named(monkeypatch):
 @pytest.mark.parametrize("macos_14", [True, False])
 def test_bf16_on_apple_gpus_needs_macos_14(macos_14, monkeypatch):
     """torch refuses bf16 tensors on MPS before macOS 14 ("MPS BFloat16 is only supported on MacOS 14 or newer")."""
-    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (14, 0) and macos_14)
+    on_macos_14 = lambda major, minor: (major, minor) <= (14, 0) and macos_14  # noqa: E731
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", on_macos_14)
     assert precision.native_bf16(torch.device("mps")) is macos_14
     precision._log_once.cache_clear()
     expected = torch.bfloat16 if macos_14 else torch.float32
