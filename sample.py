@@ -220,6 +220,7 @@ def main(argv=None) -> None:
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
     pipe = open_pipeline(options, weights, options.device)
     used = sampled(options, pipe.config)  # the flags', else the checkpoint's: what runs is what gets recorded
+    note_unused_negative(options, used["guidance"])
     add_loras(pipe, options)
     if options.seed is None:
         print(f"seed {seed}")  # once the pipeline is there: a refused run prints nothing but its error
@@ -259,6 +260,7 @@ def make_many(options: Options, weights: Path, started: float) -> None:
     config = read_config(weights)
     seed = 0 if options.seed is None else options.seed
     defaults = jobs.Defaults(negative_prompt=options.negative_prompt, seed=seed, **sampled(options, config))
+    note_unused_negative(options, defaults.guidance)
     items = jobs.read_prompts(options.prompts_file, defaults)  # a bad line stops us before any weight is read
     if options.no_binning:  # the flags' size is checked: a size that is not a multiple is the line's own
         jobs.check_sizes(items, config.pixel_multiple, options.prompts_file)
@@ -315,6 +317,13 @@ def sampled(options: Options, config) -> dict:
         "height": height,
         "width": width,
     }
+
+
+def note_unused_negative(options: Options, guidance: float) -> None:
+    """Say so when --negative-prompt cannot act: only classifier-free guidance (> 1) uses it, and distilled
+    checkpoints default to 1."""
+    if options.negative_prompt and guidance <= 1:
+        print(f"note: --negative-prompt is not used with guidance {guidance:g} (it acts through guidance > 1)")
 
 
 def open_pipeline(options: Options, weights: Path, device):

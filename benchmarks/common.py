@@ -14,7 +14,7 @@ import torch
 from checkpoint import DEFAULT_CACHE, VAE_TYPES
 
 from mirage.loading import load_model
-from mirage.pipeline import check_device, compile_model
+from mirage.pipeline import as_device, check_device, compile_model
 from mirage.precision import DTYPES, native, run_dtype
 
 PIXEL_MULTIPLE = {"flux": 16, "dc-ae": 32}  # one latent patch in pixels: 8 x 2 (Flux VAE), 32 x 1 (DC-AE)
@@ -38,9 +38,9 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     A dtype without native kernels on the device is refused: mirage would run fp32 there (mirage.precision) and
     diffusers slow emulated kernels, which is no comparison."""
     try:
-        device = torch.device(args.device)
+        device = as_device(args.device)
         check_device(device)
-    except (RuntimeError, ValueError) as err:  # torch.device raises RuntimeError for a name it does not know
+    except ValueError as err:
         parser.error(f"--device {args.device}: {err}")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: the benchmarks run on cpu or cuda")

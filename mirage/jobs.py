@@ -36,7 +36,9 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from .autoencoder import decode_latents, to_unit_range
-from .pipeline import SEED_RANGE, MiragePipeline, check_device, check_size, default_device, resize_and_crop, to_pil
+from .pipeline import (
+    SEED_RANGE, MiragePipeline, as_device, check_device, check_size, default_device, resize_and_crop, to_pil,
+)  # fmt: skip
 
 MANIFEST = "manifest.jsonl"
 TRAJECTORIES = "trajectories"  # folder under the output folder for the strips, so it holds one PNG per item
@@ -282,7 +284,7 @@ class World:
 
     def device(self, requested: str | None = None) -> torch.device:
         """The requested device (default: cuda, mps, cpu); with several processes, CUDA means cuda:LOCAL_RANK."""
-        device = torch.device(requested) if requested else default_device()
+        device = as_device(requested) if requested else default_device()
         if self.size > 1 and device.type == "cuda":
             if device.index is not None:
                 raise ValueError(f"with torchrun LOCAL_RANK picks the GPU: pass --device cuda, not {device}")

@@ -156,11 +156,20 @@ def compile_model(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+def as_device(name: str | torch.device) -> torch.device:
+    """torch.device(name), with check_device's message for a name torch does not know (torch's own lists its
+    dozen device types)."""
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise _not_ours(name) from None
+
+
 def check_device(device: torch.device) -> None:
     """A ValueError now, rather than a traceback at the first tensor, for a device this torch cannot use."""
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if device.type not in available:
-        raise ValueError(f"device {str(device)!r} is not one mirage runs on: use cuda, mps or cpu")
+        raise _not_ours(device)
     if device.type == "mps" and torch.backends.mps.is_built() and not available["mps"]:
         raise ValueError("torch sees no usable mps device (it needs Apple silicon, and macOS 14 or newer with torch "
                          ">= 2.9): use cpu")  # fmt: skip
@@ -168,6 +177,10 @@ def check_device(device: torch.device) -> None:
         raise ValueError(f"this torch build sees no {device.type} device: use cpu (or install a torch that has it)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"there is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _not_ours(device: str | torch.device) -> ValueError:
+    return ValueError(f"device {str(device)!r} is not one mirage runs on: use cuda, mps or cpu")
 
 
 def default_device() -> torch.device:
@@ -255,7 +268,7 @@ class MiragePipeline:
             file = folder / (name if "." in name else f"{name}.safetensors")
             if not file.is_file():
                 raise CheckpointError(f"{file} is missing: convert the checkpoint again (python convert_weights.py)")
-        device = torch.device(device) if device is not None else default_device()
+        device = as_device(device) if device is not None else default_device()
         check_device(device)
         if device.type in ("cpu", "mps"):  # "cpu:0" is the one CPU (and "mps:0" the one Apple GPU), and safetensors
             device = torch.device(device.type)  # before 0.8 knows them only as "cpu" and "mps"

@@ -22,7 +22,7 @@ import profile_step  # noqa: E402
     "args, message",
     [
         (["--device", "meta"], "--device meta: device 'meta' is not one mirage runs on"),
-        (["--device", "bogus"], "--device bogus: Expected one of"),
+        (["--device", "bogus"], "--device bogus: device 'bogus' is not one mirage runs on"),
         (["--steps", "0"], "--steps, --repeats, --rounds, --timeout >= 1"),
         (["--timeout", "0"], "--steps, --repeats, --rounds, --timeout >= 1"),
         (["--guidance", "nan"], "need a finite --guidance > 1"),
@@ -50,7 +50,7 @@ def test_bad_options_are_refused_by_the_parser(args, message, capsys):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (["--device", "bogus"], "--device bogus: Expected one of"),
+        (["--device", "bogus"], "--device bogus: device 'bogus' is not one mirage runs on"),
         (["--resolution", "24"], "--resolution must be a positive multiple of 16"),
         (["--cache", "/proc/no-such-cache"], "--cache /proc/no-such-cache cannot be used"),
     ],

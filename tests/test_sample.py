@@ -59,6 +59,7 @@ def test_writes_pngs_with_their_settings(mirage_flux, tmp_path):
         (["--output", "new/folder/cat.png", "--weights", "empty"], "not a converted checkpoint"),  # no folder made
         (["--prompt", "caf\udce9"], "--prompt holds bytes that are not UTF-8"),
         (["--device", "meta"], "device 'meta' is not one mirage runs on"),
+        (["--device", "bogus"], "device 'bogus' is not one mirage runs on: use cuda, mps or cpu"),  # not torch's list
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(mirage_flux, tmp_path, args, message):
@@ -248,3 +249,14 @@ def test_a_run_into_the_same_folder_meanwhile_keeps_its_image(mirage_flux, tmp_p
     sample.main(["--prompt", "a cat", "--weights", str(mirage_flux), "--steps", "2"])
     assert (tmp_path / "outputs" / "00000.png").read_bytes() == b"another run's image"
     assert Image.open(tmp_path / "outputs" / "00001.png").size == (256, 256)
+
+
+def test_a_negative_prompt_without_guidance_is_pointed_out(mirage_flux, tmp_path, monkeypatch, capsys):
+    import sample
+
+    monkeypatch.chdir(tmp_path)
+    base = ["--prompt", "a cat", "--weights", str(mirage_flux), "--steps", "1", "--negative-prompt", "blurry"]
+    sample.main(base + ["--guidance", "1"])  # as distilled checkpoints default to
+    assert "note: --negative-prompt is not used with guidance 1 (it acts through guidance > 1)" in capsys.readouterr().out
+    sample.main(base + ["--guidance", "2"])
+    assert "note:" not in capsys.readouterr().out
