@@ -6,7 +6,8 @@
 
 SRC is a folder in diffusers layout (`model_index.json`, `transformer/`, `text_encoder/`, `tokenizer/`,
 `vae/`, `scheduler/`) or, with `huggingface_hub` installed, a Hub repo id. The part flags replace or
-supply single components (the older Mirage layout held only the transformer and scheduler). OUT gets:
+supply single components (the older Mirage layout held only the transformer and scheduler); the sampling settings
+(the scheduler's shift, the sample size) come with the transformer, from its pipeline. OUT gets:
 `config.json`, `transformer.safetensors`, `text_encoder.safetensors`, `vae.safetensors`, `tokenizer.model`.
 
 Module names in mirage equal the diffusers (transformer, VAEs) and transformers (T5Gemma) checkpoint
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -30,28 +32,39 @@ import mirage
 
 mirage.use_huge_pages()  # before torch is imported: it reads the setting once, at its first large tensor
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
+INTERRUPTED = "convert_weights.py: interrupted: nothing was half-written"
 
-from mirage.configs import (
-    VAE_TYPES,
-    DCAEConfig,
-    FluxVAEConfig,
-    MirageConfig,
-    SamplingConfig,
-    TextEncoderConfig,
-    TokenizerConfig,
-    TransformerConfig,
-)
-from mirage.loading import CheckpointError, check_state_dict, read_config, read_safetensors, rename_original_key
-from mirage.pipeline import ASPECT_RATIO_BINS, COMPONENTS, component, load_tokenizer
-from mirage.precision import DTYPES, dtype_name
-from mirage.tokenizer import sentencepiece_model_from_tokenizer_json
+try:  # importing torch takes seconds: a Ctrl-C then ends in the same one line as one during the conversion
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from mirage.configs import (
+        VAE_TYPES,
+        DCAEConfig,
+        FluxVAEConfig,
+        MirageConfig,
+        SamplingConfig,
+        TextEncoderConfig,
+        TokenizerConfig,
+        TransformerConfig,
+    )
+    from mirage.loading import CheckpointError, check_state_dict, read_config, read_safetensors, rename_original_key
+    from mirage.pipeline import ASPECT_RATIO_BINS, COMPONENTS, component, load_tokenizer
+    from mirage.precision import DTYPES, dtype_name
+    from mirage.tokenizer import sentencepiece_model_from_tokenizer_json
+except KeyboardInterrupt:
+    if __name__ != "__main__":  # imported, by the tests say: the importer handles its own Ctrl-C
+        raise
+    sys.exit(INTERRUPTED)
 
 VAE_CLASS_NAMES = {"AutoencoderKL": "flux", "AutoencoderDC": "dc-ae"}
 # Distilled checkpoints ("distilled" in the name) sample in 8 steps without guidance; others take SamplingConfig's.
 DISTILLED_SAMPLING = {"num_inference_steps": 8, "guidance_scale": 1.0}
+# The sampling settings that a pipeline holds (`pipeline_sampling`), and the flags that set them instead.
+SAMPLING_FLAGS = {"shift": "--shift", "default_sample_size": "--sample-size"}
+# What the error for a damaged source file advises: converting it again would read the same damaged file.
+REFETCH = "download or copy it again"
 
 # The files a conversion reads of each part, as glob patterns for a Hub download (whose * crosses folders).
 DIFFUSERS_FILES = [
@@ -63,10 +76,13 @@ PART_FILES = {
     "tokenizer": ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"],
     "vae": DIFFUSERS_FILES,
 }
+# The name of each weighted part's weight files: {stem}.safetensors, {stem}.{variant}.safetensors, ...
+WEIGHT_STEMS = {"transformer": "diffusion_pytorch_model", "text_encoder": "model", "vae": "diffusion_pytorch_model"}
+# A pipeline's files beside its parts: the VAE type and sample size (model_index.json), the schedule.
+SETTINGS_FILES = ["model_index.json", "scheduler/scheduler_config.json"]
 # SRC: every part in its subfolder. A part flag: that part's subfolder of a pipeline (FLUX.1-dev's vae/, not its
 # 23 GB transformer), or the same files at the root of a repo that holds only the part.
-PIPELINE_FILES = ["model_index.json", "scheduler/scheduler_config.json",
-                  *(f"{part}/{name}" for part, names in PART_FILES.items() for name in names)]  # fmt: skip
+PIPELINE_FILES = [*SETTINGS_FILES, *(f"{part}/{name}" for part, names in PART_FILES.items() for name in names)]
 
 # Black Forest Labs' `ae.safetensors` (the original LDM naming) -> diffusers AutoencoderKL, per name part.
 BFL_VAE_RENAMES = {
@@ -138,7 +154,8 @@ def reading(path: Path):
 def read_weights(path: Path, stem: str = "", variant: str | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a file, or of a folder's `{stem}.safetensors` (sharded with an index json, or not). A variant
     (diffusers' and transformers' name for, say, the fp16 copy of a model) is read where the folder has it:
-    `{stem}.{variant}.safetensors` or `{stem}.safetensors.index.{variant}.json`."""
+    `{stem}.{variant}.safetensors` or `{stem}.safetensors.index.{variant}.json`, else its plain files (a pipeline's
+    fp16 copy may cover only some parts; `check_variant` has refused a variant that no folder has)."""
     if path.is_file():
         return read_weights_file(path)
     suffixes = ([f".{variant}"] if variant else []) + [""]
@@ -147,7 +164,7 @@ def read_weights(path: Path, stem: str = "", variant: str | None = None) -> dict
         if index.is_file():
             return read_shards(index)
         if (path / f"{stem}{suffix}.safetensors").is_file():
-            return read_safetensors(path / f"{stem}{suffix}.safetensors")
+            return read_weights_file(path / f"{stem}{suffix}.safetensors")
     files = " nor ".join(f"{stem}{suffix}.safetensors" for suffix in suffixes)
     found = variants(path, stem)
     hint = f"its variants: {', '.join(found)} (--variant NAME)" if found else "is it the right folder?"
@@ -161,7 +178,7 @@ def read_shards(index: Path) -> dict[str, torch.Tensor]:
     missing = [shard for shard in shards if not shard.is_file()]
     if missing:
         raise CheckpointError(f"{missing[0]}, listed in {index.name}, is missing: download the checkpoint again")
-    return {k: v for shard in shards for k, v in read_safetensors(shard).items()}
+    return {k: v for shard in shards for k, v in read_weights_file(shard).items()}
 
 
 def variants(folder: Path, stem: str) -> list[str]:
@@ -173,10 +190,23 @@ def variants(folder: Path, stem: str) -> list[str]:
     return sorted({m[1] or m[2] for m in matches if m})
 
 
+def check_variant(variant: str | None, parts: dict[str, Path]) -> None:
+    """Refuse a --variant that no part's folder has before reading anything: it is a typo, and `read_weights`
+    would silently read the plain files."""
+    if variant is None:
+        return
+    folders = [(path, WEIGHT_STEMS[name]) for name, path in parts.items() if name in WEIGHT_STEMS and path.is_dir()]
+    found = sorted({name for path, stem in folders for name in variants(path, stem)})
+    if variant not in found:
+        hint = f"the variants found: {', '.join(found)}" if found else "the sources have none: drop --variant"
+        raise CheckpointError(f"no source file is of --variant {variant}; {hint}")
+
+
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file, or a torch pickle read safely (weights only), unwrapped from model/state_dict."""
+    """A safetensors file, or a torch pickle read safely (weights only), unwrapped from model/state_dict. Every
+    source weight file is read here."""
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, remedy=REFETCH)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises many types for a bad pickle; all mean the same to the user
@@ -194,7 +224,7 @@ def read_transformer(path: Path, latent_channels: int, variant: str | None) -> t
     if path.is_dir():
         with reading(path / "config.json"):
             config = TransformerConfig.from_diffusers(read_json(path / "config.json"))
-        return config, read_weights(path, "diffusion_pytorch_model", variant)
+        return config, read_weights(path, WEIGHT_STEMS["transformer"], variant)
     weights = read_weights_file(path)
     if not any(k.startswith("blocks.0.attention.") for k in weights):
         weights = {rename_original_key(k): v for k, v in weights.items()}
@@ -237,7 +267,7 @@ def read_text_encoder(path: Path, variant: str | None) -> tuple[TextEncoderConfi
     """A T5Gemma encoder folder, or a full encoder-decoder one: keep the encoder, drop the rest."""
     with reading(path / "config.json"):
         config = TextEncoderConfig.from_transformers(read_json(path / "config.json"))
-    weights = read_weights(path, "model", variant)
+    weights = read_weights(path, WEIGHT_STEMS["text_encoder"], variant)
     prefix = next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in weights)), "")
     return config, {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
 
@@ -280,7 +310,7 @@ def read_vae(
         raise CheckpointError(f"{path} holds an {class_name} ({found}), but {said_by} says {vae_type}")
     with reading(path / "config.json"):
         config = FluxVAEConfig.from_diffusers(raw) if found == "flux" else DCAEConfig.from_diffusers(raw)
-    return found, config, read_weights(path, "diffusion_pytorch_model", variant)
+    return found, config, read_weights(path, WEIGHT_STEMS["vae"], variant)
 
 
 def rename_bfl_vae_key(key: str) -> str:
@@ -331,44 +361,69 @@ def read_scheduler(path: Path) -> dict:
 # ---- assembling a checkpoint -----------------------------------------------------------------
 
 
-def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes]:
-    """Read every component from SRC and the part flags: -> config, {component: weights}, tokenizer model."""
+def gather(args) -> tuple[MirageConfig, dict[str, dict], bytes, list[str]]:
+    """Read every component from SRC and the part flags: -> config, {component: weights}, tokenizer model, and the
+    sampling settings that took mirage's defaults (`sampling_settings`)."""
     src = resolve_source(args.src, PIPELINE_FILES) if args.src else None
     if src and not (src / "model_index.json").is_file():
         raise CheckpointError(f"{src} has no model_index.json: pass a diffusers-layout folder, or the part flags")
-    index_vae_type, sample_size = read_index(src / "model_index.json") if src else (None, None)
-
-    def part(flag_value, subfolder):
-        if flag_value:
-            names = PART_FILES[subfolder]
-            path = resolve_source(flag_value, ["model_index.json", *names, *(f"{subfolder}/{name}" for name in names)])
-            pipeline = (path / "model_index.json").is_file() and (path / subfolder).is_dir()
-            return path / subfolder if pipeline else path  # a pipeline given for one part: that part's folder
-        if src is None or not (src / subfolder).exists():
-            raise CheckpointError(f"no {subfolder} found: pass --{subfolder.replace('_', '-')} PATH")
-        return src / subfolder
+    found = {name: find_part(getattr(args, name), name, src) for name in PART_FILES}  # name: (path, pipeline)
+    parts = {name: path for name, (path, _) in found.items()}
+    check_variant(args.variant, parts)
+    sampling, defaulted = sampling_settings(args, found["transformer"][1] or src)  # both before reading weights
 
     said_by = "--vae-type" if args.vae_type else "model_index.json"
+    index_vae_type = read_index(src / "model_index.json")[0] if src else None
     vae_type = args.vae_type or (None if args.vae else index_vae_type)  # a --vae of its own is not SRC's
-    vae_type, vae_config, vae_weights = read_vae(part(args.vae, "vae"), vae_type, args.variant, said_by)
+    vae_type, vae_config, vae_weights = read_vae(parts["vae"], vae_type, args.variant, said_by)
     transformer_config, transformer_weights = read_transformer(
-        part(args.transformer, "transformer"), vae_config.latent_channels, args.variant
+        parts["transformer"], vae_config.latent_channels, args.variant
     )
-    text_config, text_weights = read_text_encoder(part(args.text_encoder, "text_encoder"), args.variant)
-    tokenizer_path = part(args.tokenizer, "tokenizer")
-    tokenizer_config, tokenizer_model = read_tokenizer(tokenizer_path)
-    scheduler = read_scheduler(src / "scheduler") if src and (src / "scheduler").is_dir() else {}
-
-    distilled = distilled_name(args) is not None
-    given = {"num_inference_steps": args.steps, "guidance_scale": args.guidance,
-             "default_sample_size": args.sample_size or sample_size}  # fmt: skip
-    sampling = SamplingConfig(
-        **scheduler, **(DISTILLED_SAMPLING if distilled else {}), **{k: v for k, v in given.items() if v is not None}
-    )
+    text_config, text_weights = read_text_encoder(parts["text_encoder"], args.variant)
+    tokenizer_config, tokenizer_model = read_tokenizer(parts["tokenizer"])
     config = MirageConfig(transformer_config, text_config, tokenizer_config, vae_type, vae_config, sampling)
-    load_tokenizer(tokenizer_model, config, source=f"the tokenizer in {tokenizer_path}")
+    load_tokenizer(tokenizer_model, config, source=f"the tokenizer in {parts['tokenizer']}")
     weights = {"transformer": transformer_weights, "text_encoder": text_weights, "vae": vae_weights}
-    return config, weights, tokenizer_model
+    return config, weights, tokenizer_model, defaulted
+
+
+def find_part(spec: str | None, name: str, src: Path | None) -> tuple[Path, Path | None]:
+    """Where part `name` is read, and the pipeline folder it belongs to (None for a bare folder or file): the part
+    flag's `spec` (that part's subfolder if it names a pipeline; only the transformer's brings the sampling settings
+    along), else SRC's subfolder."""
+    if spec is None:
+        if src is None or not (src / name).exists():
+            raise CheckpointError(f"no {name} found: pass --{name.replace('_', '-')} PATH")
+        return src / name, src
+    beside = SETTINGS_FILES if name == "transformer" else ["model_index.json"]
+    path = resolve_source(spec, [*beside, *PART_FILES[name], *(f"{name}/{file}" for file in PART_FILES[name])])
+    if (path / "model_index.json").is_file() and (path / name).is_dir():
+        return path / name, path
+    return path, None
+
+
+def sampling_settings(args, pipeline: Path | None) -> tuple[SamplingConfig, list[str]]:
+    """The flags' sampling settings, else a distilled checkpoint's (by its name), else those of `pipeline` (the one
+    the transformer came from), else SamplingConfig's. -> the config, and the keys of SAMPLING_FLAGS left at
+    SamplingConfig's defaults, which a checkpoint's pipeline would have set."""
+    distilled = DISTILLED_SAMPLING if distilled_name(args) else {}
+    settings = (pipeline_sampling(pipeline) if pipeline else {}) | distilled | sampling_flags(args)
+    return SamplingConfig(**settings), [key for key in SAMPLING_FLAGS if key not in settings]
+
+
+def pipeline_sampling(pipeline: Path) -> dict:
+    """The sampling settings a pipeline folder holds, where it has them: its scheduler's shift and timesteps, and
+    model_index.json's default_sample_size."""
+    _, sample_size = read_index(pipeline / "model_index.json")
+    scheduler = read_scheduler(pipeline / "scheduler") if (pipeline / "scheduler").is_dir() else {}
+    return scheduler | ({"default_sample_size": sample_size} if sample_size is not None else {})
+
+
+def sampling_flags(args) -> dict:
+    """The sampling settings given as flags."""
+    given = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "shift": args.shift,
+             "default_sample_size": args.sample_size}  # fmt: skip
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def distilled_name(args) -> str | None:
@@ -409,6 +464,19 @@ def check_out(out: Path, force: bool) -> None:
         ) from None
 
 
+def check_writable(out: Path) -> None:
+    """Fail before reading gigabytes if the folder that receives OUT (and its temporary folder) cannot be made or
+    written in; create nothing. (sample.py checks its output folders the same way.)"""
+    folder = out.resolve().parent  # write_checkpoint's: "." is written from its parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # the filesystem root exists
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{existing} is a file, not a folder: choose another OUT")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # an unnamed file: nothing is left behind
+    except OSError as err:
+        raise PermissionError(f"cannot write in {existing} ({err.strerror}): choose another OUT") from None
+
+
 def check_sources(args, out: Path) -> None:
     """A source inside OUT would be deleted when --force replaces OUT: refuse before reading anything."""
     for spec in filter(None, (args.src, args.transformer, args.text_encoder, args.tokenizer, args.vae)):
@@ -427,6 +495,7 @@ def write_checkpoint(out: Path, config: MirageConfig, weights: dict, tokenizer_m
         for name, state in weights.items():
             state = {k: cast(v, dtype).contiguous() for k, v in state.items()}
             save_file(state, tmp / f"{name}.safetensors", metadata={"format": "pt"})
+            os.chmod(tmp / f"{name}.safetensors", new_file_mode())
         (tmp / "tokenizer.model").write_bytes(tokenizer_model)
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         swap_in(tmp, out, old)
@@ -434,6 +503,14 @@ def write_checkpoint(out: Path, config: MirageConfig, weights: dict, tokenizer_m
         raise OSError(f"writing {out} failed ({err}): free some disk space, or choose another OUT") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def new_file_mode() -> int:
+    """The mode a new file gets under the current umask (0o644 under the usual 022). safetensors makes its files
+    0o600, which the other users of a shared checkpoint could not read."""
+    umask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def swap_in(new: Path, out: Path, old: Path) -> None:
@@ -488,9 +565,10 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def describe(config: MirageConfig, weights: dict, dtype, distilled: str | None) -> list[str]:
-    """One line per component: what it is, how many parameters, which dtype is stored; the sampling settings, and
-    for a distilled checkpoint the name that said so."""
+def describe(config: MirageConfig, weights: dict, dtype, distilled: str | None, defaulted: list[str]) -> list[str]:
+    """One line per component: what it is, how many parameters, which dtype is stored; the sampling settings, for a
+    distilled checkpoint the name that said so, and the `defaulted` settings (SAMPLING_FLAGS' keys) with their flags:
+    a guess where the transformer came without its pipeline."""
 
     def summary(state):
         count = sum(v.numel() for v in state.values())
@@ -508,8 +586,16 @@ def describe(config: MirageConfig, weights: dict, dtype, distilled: str | None) 
         + summary(weights["vae"]),
         f"sampling:     {config.sampling.num_inference_steps} steps, guidance {config.sampling.guidance_scale}, "
         f"shift {config.sampling.shift}, {config.sampling.default_sample_size} px"
-        + (f" (distilled, by the name {distilled}: --steps and --guidance set others)" if distilled else ""),
+        + (f" (distilled, by the name {distilled}: --steps and --guidance set others)" if distilled else "")
+        + (defaults_note([SAMPLING_FLAGS[key] for key in defaulted]) if defaulted else ""),
     ]
+
+
+def defaults_note(flags: list[str]) -> str:
+    """' (mirage's default shift: the transformer's source sets none; pass --shift to override)', for any of
+    SAMPLING_FLAGS."""
+    settings = " and ".join(flag.removeprefix("--").replace("-", " ") for flag in flags)
+    return f" (mirage's default {settings}: the transformer's source sets none; pass {' and '.join(flags)} to override)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -527,7 +613,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"or {distilled.num_inference_steps} for distilled checkpoints)")  # fmt: skip
     parser.add_argument("--guidance", type=float, help=f"recommended guidance (default: {default.guidance_scale}, "
                         f"or {distilled.guidance_scale} for distilled)")  # fmt: skip
-    parser.add_argument("--sample-size", type=int, choices=sorted(ASPECT_RATIO_BINS), help="training resolution, if SRC lacks it")
+    pipeline = "that of the transformer's pipeline (SRC, or the one --transformer names)"
+    parser.add_argument("--shift", type=float, help=f"the schedule's shift (default: {pipeline}, else {default.shift})")
+    parser.add_argument("--sample-size", type=int, choices=sorted(ASPECT_RATIO_BINS),
+                        help=f"training resolution (default: {pipeline}, else {default.default_sample_size})")  # fmt: skip
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="stored dtype (default: keep the source's)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_intermixed_args(argv)  # SRC is optional: let flags sit between SRC and OUT
@@ -542,11 +631,13 @@ def main(argv=None) -> None:
     out = Path(args.out)
     remove_leftovers(out.resolve())  # first: it may put back an OUT that check_out must see
     check_out(out, args.force)  # fail before reading gigabytes
+    check_writable(out)
     check_sources(args, out)
-    config, weights, tokenizer_model = gather(args)
+    SamplingConfig(**sampling_flags(args))  # a bad --shift, --steps, ... is refused before anything is read
+    config, weights, tokenizer_model, defaulted = gather(args)
     check_weights(config, weights)
     write_checkpoint(out, config, weights, tokenizer_model, dtype, args.force)
-    print("\n".join(describe(config, weights, dtype, distilled_name(args))))
+    print("\n".join(describe(config, weights, dtype, distilled_name(args), defaulted)))
     print(f"wrote {out}")
 
 
@@ -555,7 +646,7 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("convert_weights.py: interrupted: nothing was half-written")
+        sys.exit(INTERRUPTED)
     except MemoryError:
         sys.exit("convert_weights.py: error: out of memory: close other programs, or convert on a larger machine")
     except (ValueError, OSError, RuntimeError) as err:  # CheckpointError is a RuntimeError, as is torch's out of memory

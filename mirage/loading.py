@@ -26,10 +26,14 @@ class CheckpointError(RuntimeError):
     """A weights file or folder that cannot be used as it is; the message says what to do."""
 
 
+RECONVERT = "convert the checkpoint again"  # what a damaged converted file needs (a source needs fetching again)
+
+
 def read_safetensors(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, remedy: str = RECONVERT
 ) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, floating ones in `dtype` if given, or a CheckpointError naming the file.
+    """All tensors of a safetensors file, floating ones in `dtype` if given, or a CheckpointError naming the file and,
+    for a damaged one, the `remedy` (convert_weights.py's sources are downloaded or copied again instead).
 
     Tensors kept in their stored dtype are memory-mapped (no copy). Tensors to convert are read and converted one
     at a time instead: converting a memory-mapped file keeps every page of it resident until the last tensor is
@@ -47,15 +51,15 @@ def read_safetensors(
             return load_file(path, device=str(device))
         return _read_converted(path, data_start, header, torch.device(device), dtype)
     except (SafetensorError, OSError, ValueError, KeyError) as err:
-        raise _unreadable(path, err) from None
+        raise _unreadable(path, err, remedy) from None
     except torch.OutOfMemoryError:
         raise  # loading onto a GPU without room: torch's message says so
     except RuntimeError as err:  # safe_open could not map the file: out of memory or address space, not a bad file
         raise CheckpointError(f"{path} could not be mapped into memory ({err}): free memory and try again") from None
 
 
-def _unreadable(path: Path, err: Exception) -> CheckpointError:
-    return CheckpointError(f"{path} is not a readable safetensors file ({err}): convert the checkpoint again")
+def _unreadable(path: Path, err: Exception, remedy: str = RECONVERT) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file ({err}): {remedy}")
 
 
 # safetensors' dtype names
@@ -108,6 +112,10 @@ def read_config(folder: str | Path) -> MirageConfig:
     """The `config.json` of a converted checkpoint folder, or a CheckpointError saying how to make one."""
     folder = Path(folder)
     path = folder / "config.json"
+    if not folder.exists():
+        raise CheckpointError(f"{folder} does not exist: run python convert_weights.py SRC {folder} to make it")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file: pass the checkpoint folder (the one that holds config.json)")
     if not path.is_file():
         raise CheckpointError(
             f"{folder} is not a converted checkpoint (no config.json): run python convert_weights.py SRC {folder}"

@@ -253,7 +253,7 @@ def broken(edit):
         (lambda src, tmp: [src, "--guidance", "nan"], "guidance_scale"),
         (lambda src, tmp: [src, "--steps", "0"], "num_inference_steps"),
         (lambda src, tmp: [broken_copy(src, tmp, lambda f: truncate(f / "transformer/diffusion_pytorch_model.safetensors"))],
-         "not a readable safetensors"),
+         r"diffusion_pytorch_model.safetensors is not a readable safetensors file \(.*\): download or copy it again$"),
         (lambda src, tmp: [broken_copy(src, tmp, lambda f: set_vae_class(f, "VQModel"))], "not a VAE mirage knows"),
         (lambda src, tmp: [broken_copy(src, tmp, lambda f: (f / "model_index.json").unlink())], "no model_index.json"),
         (lambda src, tmp: [src, "--vae-type", "dc-ae"], "AutoencoderKL"),
@@ -307,6 +307,23 @@ def test_force_replaces_only_a_converted_checkpoint(prx_flux, mirage_flux, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "project"]  # no temporary folder left
 
 
+@pytest.mark.parametrize(
+    "out, error, message",
+    [
+        ("file/sub/out", NotADirectoryError, r"/file is a file, not a folder: choose another OUT$"),
+        ("/proc/mirage-out", PermissionError, r"^cannot write in /proc \(.*\): choose another OUT$"),
+    ],
+)
+def test_an_out_that_cannot_be_written_is_refused_before_reading(prx_flux, tmp_path, monkeypatch, out, error, message):
+    if out.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    (tmp_path / "file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(convert_weights, "gather", lambda args: pytest.fail("read the sources first"))
+    with pytest.raises(error, match=message):
+        convert(prx_flux, out)
+
+
 def test_command_line_error_is_one_line_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "convert_weights.py"), str(tmp_path / "nowhere"), str(tmp_path / "out")],
@@ -349,15 +366,59 @@ def test_a_part_flag_may_name_another_pipeline(prx_flux, prx_dcae, tmp_path, mon
         assert list(huggingface_hub.utils.filter_repo_objects(t5gemma_repo, allow_patterns=patterns)) == needed
 
 
+def every_part(spec) -> list:
+    return [flag for part in ("transformer", "text-encoder", "tokenizer", "vae") for flag in (f"--{part}", spec)]
+
+
+def test_sampling_settings_come_with_the_transformer(prx_flux, mirage_flux, tmp_path, capsys, monkeypatch):
+    """The scheduler's shift and model_index.json's sample size are read from the pipeline the transformer came
+    from (SRC or --transformer's); a bare transformer gets mirage's defaults, said so in the summary; flags win."""
+    convert(tmp_path / "parts", *every_part(prx_flux))
+    assert config_of(tmp_path / "parts") == config_of(mirage_flux)
+    assert "mirage's default" not in capsys.readouterr().out
+    other = broken_copy(prx_flux, tmp_path, edit_json("scheduler/scheduler_config.json", shift=1.5))
+    edit_json("model_index.json", default_sample_size=1024)(other)
+    convert(prx_flux, tmp_path / "moved", "--transformer", other)  # not SRC's 2.5 and 256
+    moved = config_of(tmp_path / "moved").sampling
+    assert (moved.shift, moved.default_sample_size) == (1.5, 1024)
+
+    bare = [*every_part(prx_flux)[2:], "--transformer", prx_flux / "transformer"]
+    convert(tmp_path / "bare", *bare)
+    assert config_of(tmp_path / "bare").sampling == convert_weights.SamplingConfig()
+    note = ("28 steps, guidance 5.0, shift 3.0, 512 px (mirage's default shift and sample size: the transformer's "
+            "source sets none; pass --shift and --sample-size to override)\n")  # fmt: skip
+    assert note in capsys.readouterr().out
+    convert(tmp_path / "given", *bare, "--shift", 2.5)
+    assert "(mirage's default sample size: the transformer's source sets none; pass --sample-size to override)\n" in (
+        capsys.readouterr().out
+    )
+    convert(tmp_path / "both", *bare, "--shift", 2.5, "--sample-size", 256)
+    assert config_of(tmp_path / "both") == config_of(mirage_flux) and "mirage's default" not in capsys.readouterr().out
+    convert(prx_flux, tmp_path / "over", "--sample-size", 1024)  # over SRC's 256, as --help says
+    assert config_of(tmp_path / "over").sampling.default_sample_size == 1024
+
+    asked = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked[repo_id] = allow_patterns
+        return str(other)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    convert(prx_flux, tmp_path / "hub", "--transformer", "someone/prx")
+    assert config_of(tmp_path / "hub").sampling == moved
+    assert "scheduler/scheduler_config.json" in asked["someone/prx"]
+
+
 def test_variant_files_are_read_with_variant(prx_flux, tmp_path):
     src = broken_copy(prx_flux, tmp_path, lambda f: (f / "vae/diffusion_pytorch_model.safetensors").rename(
         f / "vae/diffusion_pytorch_model.fp16.safetensors"))  # fmt: skip
     with pytest.raises(CheckpointError, match=r"holds no diffusion_pytorch_model\.safetensors \(nor a sharded "
                                               r"index\): its variants: fp16 \(--variant NAME\)$"):
         convert(src, tmp_path / "out")
-    with pytest.raises(CheckpointError, match=r"holds no diffusion_pytorch_model\.bf16\.safetensors nor "
-                                              r"diffusion_pytorch_model\.safetensors .*its variants: fp16"):
-        convert(src, tmp_path / "out", "--variant", "bf16")
+    with pytest.raises(CheckpointError, match=r"^no source file is of --variant bf16; the variants found: fp16$"):
+        convert(src, tmp_path / "out", "--variant", "bf16")  # a typo is not read as "the plain files"
+    with pytest.raises(CheckpointError, match=r"^no source file is of --variant fp16; the sources have none: drop"):
+        convert(prx_flux, tmp_path / "out", "--variant", "fp16")
     convert(src, tmp_path / "out", "--variant", "fp16")  # the other parts have no fp16 files: their plain ones
     original = load_file(prx_flux / "vae/diffusion_pytorch_model.safetensors")
     assert_same_tensors(converted(tmp_path / "out", "vae"), original)
@@ -377,6 +438,9 @@ def test_distilled_is_read_from_the_checkpoint_name_only(prx_flux, tmp_path, cap
         assert convert_weights.distilled_name(convert_weights.parse_args([*map(str, args), "out"])) == distilled.name
     note = "(distilled, by the name prx-512-t2i-sft-distilled: --steps and --guidance set others)"
     assert note in capsys.readouterr().out
+    convert(distilled, tmp_path / "c", "--steps", 12)  # the flag over the name's 8
+    sampling = config_of(tmp_path / "c").sampling
+    assert (sampling.num_inference_steps, sampling.guidance_scale) == (12, 1.0)
 
 
 def test_original_codebase_mlp_width_survives_the_ratio():
@@ -428,6 +492,41 @@ def test_a_stopped_write_is_one_line_and_leaves_the_old_checkpoint(prx_flux, mir
     assert len(lines) == 1 and re.fullmatch(message, lines[0]), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
     assert_same_tensors(converted(out, "transformer"), converted(mirage_flux, "transformer"))
+
+
+CTRL_C_WHILE_IMPORTING = """
+import os, runpy, signal, sys
+
+class CtrlC:  # a finder asked for torch first: Ctrl-C as torch starts loading
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(prx_flux, tmp_path):
+    result = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, ROOT / "convert_weights.py", prx_flux,
+                             tmp_path / "out"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["convert_weights.py: interrupted: nothing was half-written"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX's")
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_file_gets_a_new_files_mode(prx_flux, tmp_path, umask):
+    """safetensors makes its files 0o600: readable by their owner only, unlike config.json."""
+    old = os.umask(umask)
+    try:
+        convert(prx_flux, tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "out").iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
 
 
 def test_swap_in_puts_the_old_checkpoint_back_if_the_rename_fails(tmp_path, monkeypatch):

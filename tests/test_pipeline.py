@@ -414,3 +414,21 @@ def test_a_tokenizer_that_does_not_fit_is_refused_on_opening(mirage_flux, tmp_pa
         (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         MiragePipeline.from_pretrained(folder, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("missing", r"missing does not exist: run python convert_weights.py SRC .*missing to make it$"),
+        ("checkpoint/config.json", r"config.json is a file: pass the checkpoint folder \(the one that holds config"),
+        ("empty", r"empty is not a converted checkpoint \(no config.json\)"),
+        ("truncated", r"vae.safetensors is not a readable safetensors file \(.*\): convert the checkpoint again$"),
+    ],
+)
+def test_a_weights_path_that_is_no_checkpoint_says_what_it_is_and_what_to_do(mirage_flux, tmp_path, name, message):
+    shutil.copytree(mirage_flux, tmp_path / "checkpoint")
+    (tmp_path / "empty").mkdir()
+    vae = shutil.copytree(mirage_flux, tmp_path / "truncated") / "vae.safetensors"
+    vae.write_bytes(vae.read_bytes()[: vae.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=message):
+        MiragePipeline.from_pretrained(tmp_path / name, device="cpu").vae  # .vae reads its weights
