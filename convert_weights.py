@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -464,19 +463,6 @@ def check_out(out: Path, force: bool) -> None:
         ) from None
 
 
-def check_writable(out: Path) -> None:
-    """Fail before reading gigabytes if the folder that receives OUT (and its temporary folder) cannot be made or
-    written in; create nothing. (sample.py checks its output folders the same way.)"""
-    folder = out.resolve().parent  # write_checkpoint's: "." is written from its parent
-    existing = next(p for p in (folder, *folder.parents) if p.exists())  # the filesystem root exists
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{existing} is a file, not a folder: choose another OUT")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()  # an unnamed file: nothing is left behind
-    except OSError as err:
-        raise PermissionError(f"cannot write in {existing} ({err.strerror}): choose another OUT") from None
-
-
 def check_sources(args, out: Path) -> None:
     """A source inside OUT would be deleted when --force replaces OUT: refuse before reading anything."""
     for spec in filter(None, (args.src, args.transformer, args.text_encoder, args.tokenizer, args.vae)):
@@ -631,7 +617,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     remove_leftovers(out.resolve())  # first: it may put back an OUT that check_out must see
     check_out(out, args.force)  # fail before reading gigabytes
-    check_writable(out)
+    mirage.check_writable(out.resolve().parent, "OUT")  # write_checkpoint's: "." is written from its parent
     check_sources(args, out)
     SamplingConfig(**sampling_flags(args))  # a bad --shift, --steps, ... is refused before anything is read
     config, weights, tokenizer_model, defaulted = gather(args)

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -172,7 +171,7 @@ def output_paths(output: Path | None, count: int, trajectory: bool = False) -> l
         if path.exists():
             raise FileExistsError(f"{path} exists: choose another --output (sample.py never overwrites)")
     for folder in {path.parent for path in paths}:
-        check_writable(folder, "--output")
+        mirage.check_writable(folder, "--output")
     return paths
 
 
@@ -195,17 +194,6 @@ def claim(paths: list[Path], options: Options) -> list[Path]:
                 taken = f"{path} was written meanwhile by something else"
                 raise FileExistsError(f"{taken}: choose another --output") from None
             paths = output_paths(None, options.num_images, options.save_trajectory)
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    """Fail now, not after minutes of sampling, if `folder` cannot be made or written in; create nothing."""
-    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())  # the filesystem root exists
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{existing} is a file, not a folder: choose another {flag}")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()  # an unnamed file: nothing is left behind
-    except OSError as err:
-        raise PermissionError(f"cannot write in {existing} ({err.strerror}): choose another {flag}") from None
 
 
 def main(argv=None) -> None:
@@ -265,7 +253,7 @@ def make_many(options: Options, weights: Path, started: float) -> None:
     if options.no_binning:  # the flags' size is checked: a size that is not a multiple is the line's own
         jobs.check_sizes(items, config.pixel_multiple, options.prompts_file)
     outdir = options.outdir or Path("outputs") / options.prompts_file.stem
-    check_writable(outdir, "--outdir")
+    mirage.check_writable(outdir, "--outdir")
     world = jobs.World.from_env()
     device = world.device(options.device)
     world.start(device)

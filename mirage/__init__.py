@@ -1,7 +1,12 @@
-"""mirage: a standalone, pure-PyTorch reference implementation of the Mirage (PRX) text-to-image model."""
+"""mirage: a standalone, pure-PyTorch reference implementation of the Mirage (PRX) text-to-image model.
+
+This file holds what `sample.py` and `convert_weights.py` share before they import torch; the model's parts
+are the package's modules (see the README's file guide)."""
 
 import os
 import signal
+import tempfile
+from pathlib import Path
 
 
 def use_huge_pages() -> None:
@@ -23,3 +28,15 @@ def stop_on_signals() -> None:
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), interrupt)
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail now, not after minutes of reading or sampling, if `folder` cannot be made or written in (`flag` names
+    the option that chose it); create nothing."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())  # the filesystem root exists
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{existing} is a file, not a folder: choose another {flag}")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # an unnamed file: nothing is left behind
+    except OSError as err:
+        raise PermissionError(f"cannot write in {existing} ({err.strerror}): choose another {flag}") from None

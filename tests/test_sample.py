@@ -143,12 +143,12 @@ def test_prompt_is_refused_under_torchrun(monkeypatch):
 
 
 def test_output_folders_are_checked_without_being_made(tmp_path):
-    import sample
+    import mirage
 
     (tmp_path / "file.png").write_bytes(b"mine")
-    sample.check_writable(tmp_path / "a" / "b", "--outdir")
+    mirage.check_writable(tmp_path / "a" / "b", "--outdir")
     with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'file.png'} is a file, not a folder: choose another --outdir"):
-        sample.check_writable(tmp_path / "file.png" / "sub", "--outdir")
+        mirage.check_writable(tmp_path / "file.png" / "sub", "--outdir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.png"]
 
 
