@@ -601,8 +601,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"or {distilled.guidance_scale} for distilled)")  # fmt: skip
     pipeline = "that of the transformer's pipeline (SRC, or the one --transformer names)"
     parser.add_argument("--shift", type=float, help=f"the schedule's shift (default: {pipeline}, else {default.shift})")
-    parser.add_argument("--sample-size", type=int, choices=sorted(ASPECT_RATIO_BINS),
-                        help=f"training resolution (default: {pipeline}, else {default.default_sample_size})")  # fmt: skip
+    parser.add_argument("--sample-size", type=int, choices=sorted(ASPECT_RATIO_BINS), help=f"training resolution "
+                        f"(default: {pipeline}, else {default.default_sample_size})")  # fmt: skip
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="stored dtype (default: keep the source's)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_intermixed_args(argv)  # SRC is optional: let flags sit between SRC and OUT
