@@ -608,6 +608,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)  # SRC is optional: let flags sit between SRC and OUT
     if args.src is None and not any((args.transformer, args.text_encoder, args.tokenizer, args.vae)):
         parser.error(f"give SRC and OUT (only {args.out} was given), or OUT and the part flags")
+    bad = {"--steps must be at least 1": args.steps is not None and args.steps < 1,
+           "--guidance must be a finite number >= 1": args.guidance is not None and not 1 <= args.guidance < math.inf,
+           "--shift must be a finite number > 0": args.shift is not None and not 0 < args.shift < math.inf}  # fmt: skip
+    for message in (message for message, wrong in bad.items() if wrong):
+        parser.error(message)  # before anything is read
     return args
 
 
@@ -619,7 +624,6 @@ def main(argv=None) -> None:
     check_out(out, args.force)  # fail before reading gigabytes
     mirage.check_writable(out.resolve().parent, "OUT")  # write_checkpoint's: "." is written from its parent
     check_sources(args, out)
-    SamplingConfig(**sampling_flags(args))  # a bad --shift, --steps, ... is refused before anything is read
     config, weights, tokenizer_model, defaulted = gather(args)
     check_weights(config, weights)
     write_checkpoint(out, config, weights, tokenizer_model, dtype, args.force)

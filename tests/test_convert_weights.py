@@ -586,3 +586,17 @@ def test_a_forgotten_out_is_named(prx_flux):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.endswith(f"give SRC and OUT (only {prx_flux} was given), or OUT and the part flags")
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (["--steps", "-3"], "--steps must be at least 1"),
+        (["--guidance", "nan"], "--guidance must be a finite number >= 1"),
+        (["--shift", "0"], "--shift must be a finite number > 0"),
+    ],
+)
+def test_sampling_flags_are_refused_by_their_names(flag, message, capsys):
+    with pytest.raises(SystemExit):
+        convert_weights.parse_args(["src", "out", *flag])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
