@@ -250,8 +250,6 @@ def broken(edit):
          "model-1.safetensors, listed in model.safetensors.index.json, is missing"),
         (broken(lambda f: (f / "tokenizer/tokenizer.model").write_bytes(b"not a model")), "not a SentencePiece model"),
         (broken(shrink_text_vocabulary), "has 800 pieces, but the text encoder embeds only 100"),
-        (lambda src, tmp: [src, "--guidance", "nan"], "guidance_scale"),
-        (lambda src, tmp: [src, "--steps", "0"], "num_inference_steps"),
         (lambda src, tmp: [broken_copy(src, tmp, lambda f: truncate(f / "transformer/diffusion_pytorch_model.safetensors"))],
          r"diffusion_pytorch_model.safetensors is not a readable safetensors file \(.*\): download or copy it again$"),
         (lambda src, tmp: [broken_copy(src, tmp, lambda f: set_vae_class(f, "VQModel"))], "not a VAE mirage knows"),
