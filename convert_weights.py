@@ -7,7 +7,8 @@
 SRC is a folder in diffusers layout (`model_index.json`, `transformer/`, `text_encoder/`, `tokenizer/`,
 `vae/`, `scheduler/`) or, with `huggingface_hub` installed, a Hub repo id. The part flags replace or
 supply single components (the older Mirage layout held only the transformer and scheduler); the sampling settings
-(the scheduler's shift, the sample size) come with the transformer, from its pipeline. OUT gets:
+(the scheduler's shift, the sample size) come from the transformer's pipeline: the one --transformer names, else
+SRC. OUT gets:
 `config.json`, `transformer.safetensors`, `text_encoder.safetensors`, `vae.safetensors`, `tokenizer.model`.
 
 Module names in mirage equal the diffusers (transformer, VAEs) and transformers (T5Gemma) checkpoint
@@ -599,7 +600,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"or {distilled.num_inference_steps} for distilled checkpoints)")  # fmt: skip
     parser.add_argument("--guidance", type=float, help=f"recommended guidance (default: {default.guidance_scale}, "
                         f"or {distilled.guidance_scale} for distilled)")  # fmt: skip
-    pipeline = "that of the transformer's pipeline (SRC, or the one --transformer names)"
+    pipeline = "that of the transformer's pipeline (the one --transformer names, else SRC)"
     parser.add_argument("--shift", type=float, help=f"the schedule's shift (default: {pipeline}, else {default.shift})")
     parser.add_argument("--sample-size", type=int, choices=sorted(ASPECT_RATIO_BINS), help=f"training resolution "
                         f"(default: {pipeline}, else {default.default_sample_size})")  # fmt: skip

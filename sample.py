@@ -46,7 +46,7 @@ class Options:
 
     prompt: str | None = option(None, "the text to draw (or --prompts-file)")
     negative_prompt: str = option("", "what to steer away from (used when guidance > 1)")
-    weights: Path | None = option(None, "converted checkpoint folder (default: the only folder in weights/)")
+    weights: Path | None = option(None, "converted checkpoint folder (default: the only one in weights/)")
     steps: int | None = option(None, "denoising steps (default: the checkpoint's)")
     guidance: float | None = option(None, "classifier-free guidance scale, >= 1; 1 = off (default: the checkpoint's)")
     height: int | None = option(None, "image height in pixels (default: the checkpoint's sample size)")
@@ -158,8 +158,8 @@ def output_paths(output: Path | None, count: int, trajectory: bool = False) -> l
     NAME.trajectory.png for each; never an existing file."""
     if output is None:
         folder = Path("outputs")
-        taken = [int(p.stem) for p in folder.glob("*.png") if p.stem.isdigit()] if folder.is_dir() else []
-        start = max(taken, default=-1) + 1
+        numbers = [p.name.split(".")[0] for p in folder.iterdir()] if folder.is_dir() else []  # NNNNN.png, its strip
+        start = max((int(n) for n in numbers if n.isdigit()), default=-1) + 1
         paths = [folder / f"{start + i:05d}.png" for i in range(count)]
     elif count == 1:
         paths = [output]
@@ -168,7 +168,7 @@ def output_paths(output: Path | None, count: int, trajectory: bool = False) -> l
     if trajectory:
         paths += [path.with_suffix(".trajectory.png") for path in paths]
     for path in paths:
-        if path.exists():
+        if path.exists() or path.is_symlink():  # a link to nothing is a name taken too
             raise FileExistsError(f"{path} exists: choose another --output (sample.py never overwrites)")
     for folder in {path.parent for path in paths}:
         mirage.check_writable(folder, "--output")
@@ -339,9 +339,9 @@ OUT_OF_MEMORY = "out of memory: try a smaller --height/--width, fewer --num-imag
 
 
 def out_of_memory(err: Exception) -> bool:
-    """torch reports running out of memory as RuntimeErrors: torch.OutOfMemoryError on GPUs, the CPU allocator's
-    "can't allocate memory" (a batch of a thousand 1024 px images asks for 100 GB at once)."""
-    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err)
+    """torch reports running out of memory as RuntimeErrors: torch.OutOfMemoryError on CUDA, "MPS backend out of
+    memory" on Apple GPUs, the CPU allocator's "can't allocate memory" (a thousand 1024 px images at once)."""
+    return type(err).__name__ == "OutOfMemoryError" or any(s in str(err) for s in ("out of memory", "can't allocate"))
 
 
 def run_settings(options: Options, weights: Path, pipe) -> dict:

@@ -18,6 +18,7 @@ from mirage.pipeline import as_device, check_device, compile_model
 from mirage.precision import DTYPES, native, run_dtype
 
 PIXEL_MULTIPLE = {"flux": 16, "dc-ae": 32}  # one latent patch in pixels: 8 x 2 (Flux VAE), 32 x 1 (DC-AE)
+TOKENIZER_MAX_LENGTH = 256  # PRX's tokenizer_config: the reference pads every prompt to it
 
 
 # ---- options ---------------------------------------------------------------------------------------------------
@@ -35,8 +36,8 @@ def add_model_options(parser: argparse.ArgumentParser, device: str = "cpu") -> N
 def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse in one line what cannot be measured; normalise the device ("cpu:0" is "cpu") and choose the dtype.
 
-    A dtype without native kernels on the device is refused: mirage would run fp32 there (mirage.precision) and
-    diffusers slow emulated kernels, which is no comparison."""
+    A dtype without native kernels on the device is refused: mirage would run fp32 there (mirage.precision), so
+    the measurement would not be of that dtype, and diffusers would run slow emulated kernels."""
     try:
         device = as_device(args.device)
         check_device(device)
@@ -47,8 +48,8 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     args.device = "cpu" if device.type == "cpu" else str(device)
     args.dtype = args.dtype or ("bf16" if native(torch.bfloat16, device) else "fp32")
     if not native(DTYPES[args.dtype], device):
-        parser.error(f"--dtype {args.dtype}: this {device.type} has no native {args.dtype} kernels, so mirage would "
-                     "run fp32 and diffusers slow emulated kernels: use --dtype fp32")  # fmt: skip
+        parser.error(f"--dtype {args.dtype}: this {device.type} has no native {args.dtype} kernels (mirage would run "
+                     "fp32, diffusers slow emulated kernels): use --dtype fp32")  # fmt: skip
     multiple = PIXEL_MULTIPLE[args.vae]
     if args.resolution < multiple or args.resolution % multiple:
         parser.error(f"--resolution must be a positive multiple of {multiple} with the {args.vae} VAE")

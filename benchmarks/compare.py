@@ -52,7 +52,8 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from checkpoint import ensure_checkpoint  # noqa: E402
 from common import (  # noqa: E402
-    Timer, add_model_options, check_model_options, empty_compile_caches, left_padded_mask, load_ours, peak_memory,
+    TOKENIZER_MAX_LENGTH, Timer, add_model_options, check_model_options, empty_compile_caches, left_padded_mask,
+    load_ours, peak_memory,
 )  # fmt: skip
 
 from mirage.pipeline import compile_model  # noqa: E402
@@ -60,7 +61,6 @@ from mirage.precision import DTYPES, dtype_name  # noqa: E402
 
 PARTS = ("text", "step", "vae", "e2e")
 SIDES = ("reference", "ours")
-TOKENIZER_MAX_LENGTH = 256  # PRX's tokenizer_config: the reference pads every prompt to it
 # Ordinary caption words, repeated until a prompt has the asked number of tokens.
 WORDS = (
     "a photo of an old red tram on a sandy beach at sunset, warm light, film grain, seagulls over the water, "
@@ -517,7 +517,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per worker process (default: 1800)")
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "PART"), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
     if args.worker is None:
         check_model_options(parser, args)
         check_run_options(parser, args)
@@ -574,6 +574,7 @@ def main(argv=None) -> None:
     table = report(settings, inputs, results, (load_before, os.getloadavg()[0]))
     (run_dir / "report.txt").write_text(table + "\n")
     print("\n" + table)
+
 
 if __name__ == "__main__":
     try:

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from checkpoint import ensure_checkpoint  # noqa: E402
-from common import Timer, add_model_options, check_model_options, left_padded_mask, load_ours  # noqa: E402
-from compare import TOKENIZER_MAX_LENGTH  # noqa: E402
+from common import (  # noqa: E402
+    TOKENIZER_MAX_LENGTH, Timer, add_model_options, check_model_options, left_padded_mask, load_ours,
+)  # fmt: skip
 
 from mirage.loading import read_config  # noqa: E402
 from mirage.precision import DTYPES  # noqa: E402

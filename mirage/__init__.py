@@ -20,13 +20,14 @@ def use_huge_pages() -> None:
 
 def stop_on_signals() -> None:
     """End on SIGTERM (kill, timeout, docker stop) and SIGHUP as on Ctrl-C, so that the scripts' clean-up runs
-    (no half-written checkpoint or image is left) and they say so in one line."""
+    (no half-written checkpoint or image is left) and they say so in one line. A signal already ignored stays
+    ignored: `nohup` runs a program with SIGHUP ignored so that it outlives its terminal."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:
             signal.signal(getattr(signal, name), interrupt)
 
 

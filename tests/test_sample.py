@@ -126,6 +126,9 @@ def test_names_taken_meanwhile_are_never_overwritten(tmp_path, monkeypatch):
     assert [p.name for p in claimed] == ["00002.png", "00003.png", "00002.trajectory.png", "00003.trajectory.png"]
     assert (tmp_path / "outputs" / "00001.png").read_bytes() == b"another run's image"
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == sorted(["00001.png", *(p.name for p in claimed)])
+    strip = tmp_path / "outputs" / "00004.trajectory.png"  # a strip alone, or a link to nothing: taken names too
+    strip.symlink_to(tmp_path / "nowhere.png")
+    assert [p.name for p in sample.claim(chosen, options)][:2] == ["00005.png", "00006.png"]
     given = sample.Options(prompt="a cat", output=tmp_path / "cat.png")
     paths = sample.output_paths(given.output, 1)
     paths[0].write_bytes(b"written meanwhile")
@@ -176,6 +179,7 @@ import mirage.pipeline  # what sample.py imports once its flags are checked
 
 INTERRUPTED = """
 import os, runpy, signal, sys, time
+import torch
 from mirage.pipeline import MiragePipeline
 
 def interrupted(*args, **kwargs):  # stopped while the images are made
@@ -185,6 +189,8 @@ def interrupted(*args, **kwargs):  # stopped while the images are made
     raise {
         "ctrl-c": KeyboardInterrupt(), "memory": MemoryError(),
         "allocator": RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1048576000 bytes"),
+        "cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        "mps": RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB)"),
     }[how]
 
 MiragePipeline.__call__ = interrupted
@@ -202,6 +208,8 @@ OUT_OF_MEMORY = "out of memory: try a smaller --height/--width, fewer --num-imag
         ("sigterm", "sample.py: interrupted: images finished so far are written, none half-written"),
         ("memory", f"sample.py: error: {OUT_OF_MEMORY}"),
         ("allocator", f"sample.py: error: {OUT_OF_MEMORY}"),
+        ("cuda", f"sample.py: error: {OUT_OF_MEMORY}"),
+        ("mps", f"sample.py: error: {OUT_OF_MEMORY}"),
     ],
 )
 def test_ctrl_c_and_out_of_memory_are_one_line(mirage_flux, tmp_path, how, message):
@@ -261,3 +269,23 @@ def test_a_negative_prompt_without_guidance_is_pointed_out(mirage_flux, tmp_path
     assert note in capsys.readouterr().out
     sample.main(base + ["--guidance", "2"])
     assert "note:" not in capsys.readouterr().out
+
+
+def test_stop_signals_end_as_ctrl_c_does_and_nohup_still_works():
+    import signal
+
+    import mirage
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a program
+        mirage.stop_on_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        mirage.stop_on_signals()
+        for sig in saved:
+            with pytest.raises(KeyboardInterrupt):
+                signal.getsignal(sig)(sig, None)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
