@@ -1,5 +1,6 @@
 """convert_weights.py on every source format it reads, and on bad input."""
 
+import errno
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from transformers.models.t5gemma.configuration_t5gemma import T5GemmaConfig
 from transformers.models.t5gemma.modeling_t5gemma import T5GemmaForConditionalGeneration
 
 import convert_weights
+import mirage
 from mirage.configs import FluxVAEConfig, MirageConfig, TransformerConfig
 from mirage.loading import CheckpointError
 from mirage.tokenizer import GemmaTokenizer
@@ -309,13 +311,20 @@ def test_force_replaces_only_a_converted_checkpoint(prx_flux, mirage_flux, tmp_p
     "out, error, message",
     [
         ("file/sub/out", NotADirectoryError, r"/file is a file, not a folder: choose another OUT$"),
-        ("/proc/mirage-out", PermissionError, r"^cannot write in /proc \(.*\): choose another OUT$"),
+        ("locked/out", PermissionError, r"/locked \(Permission denied\): choose another OUT$"),
     ],
 )
 def test_an_out_that_cannot_be_written_is_refused_before_reading(prx_flux, tmp_path, monkeypatch, out, error, message):
-    if out.startswith("/proc") and not Path("/proc/self").is_dir():
-        pytest.skip("needs Linux's /proc")
     (tmp_path / "file").write_text("")
+    (tmp_path / "locked").mkdir()
+    writable = mirage.tempfile.TemporaryFile
+
+    def temporary_file(dir):  # a folder this user may not write in (root, who runs the tests here, may write anywhere)
+        if Path(dir).name == "locked":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return writable(dir=dir)
+
+    monkeypatch.setattr(mirage.tempfile, "TemporaryFile", temporary_file)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(convert_weights, "gather", lambda args: pytest.fail("read the sources first"))
     with pytest.raises(error, match=message):
