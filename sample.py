@@ -188,8 +188,8 @@ def claim(paths: list[Path], options: Options) -> list[Path]:
                 made.append(path)
             return paths
         except FileExistsError:
-            for path in made:
-                path.unlink()
+            for made_path in made:
+                made_path.unlink()
             if options.output is not None:
                 taken = f"{path} was written meanwhile by something else"
                 raise FileExistsError(f"{taken}: choose another --output") from None

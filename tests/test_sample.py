@@ -129,12 +129,12 @@ def test_names_taken_meanwhile_are_never_overwritten(tmp_path, monkeypatch):
     strip = tmp_path / "outputs" / "00004.trajectory.png"  # a strip alone, or a link to nothing: taken names too
     strip.symlink_to(tmp_path / "nowhere.png")
     assert [p.name for p in sample.claim(chosen, options)][:2] == ["00005.png", "00006.png"]
-    given = sample.Options(prompt="a cat", output=tmp_path / "cat.png")
-    paths = sample.output_paths(given.output, 1)
-    paths[0].write_bytes(b"written meanwhile")
-    with pytest.raises(FileExistsError, match="cat.png was written meanwhile by something else: choose another"):
+    given = sample.Options(prompt="a cat", output=tmp_path / "cat.png", num_images=2)
+    paths = sample.output_paths(given.output, 2)
+    paths[1].write_bytes(b"written meanwhile")
+    with pytest.raises(FileExistsError, match="cat_1.png was written meanwhile by something else: choose another"):
         sample.claim(paths, given)
-    assert paths[0].read_bytes() == b"written meanwhile"
+    assert paths[1].read_bytes() == b"written meanwhile" and not paths[0].exists()
 
 
 def test_prompt_is_refused_under_torchrun(monkeypatch):
