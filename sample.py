@@ -96,7 +96,9 @@ def check(options: Options) -> None:
         raise ValueError("--output and --num-images go with --prompt: a prompts file makes one image per line")
     if options.prompts_file is None and (options.outdir is not None or options.batch_size != 1):
         raise ValueError("--outdir and --batch-size go with --prompts-file (--num-images batches one --prompt)")
-    if options.prompt is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would make them
+    # every process would make the same images; WORLD_SIZE is read here, not by mirage.jobs.World, which imports
+    # torch: bad flags are answered at once
+    if options.prompt is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--prompt runs in one process: with torchrun, give --prompts-file (one line per image)")
     if options.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
