@@ -442,7 +442,7 @@ class MiragePipeline:
             binning=use_resolution_binning, steps=steps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, output_type=output_type,
         )  # fmt: skip
-        seed = _checked_seed(seed, generator)
+        seed = _checked_seed(seed, generator, latents)
         height, width = nearest_bin(*request, sampling.default_sample_size) if use_resolution_binning else request
         guidance = guidance_scale > 1.0
         embeds, masks = self.text_conditioning(
@@ -614,8 +614,13 @@ def _checked_sigmas(sigmas, num_inference_steps) -> list[float] | None:
     return values
 
 
-def _checked_seed(seed, generator: torch.Generator | None) -> int | list[int] | None:
-    """`seed` (one, or a list of one per image) as Python ints, checked before any model runs."""
+def _checked_seed(seed, generator: torch.Generator | None, latents: torch.Tensor | None) -> int | list[int] | None:
+    """`seed` (one, or a list of one per image) as Python ints, checked before any model runs. Seed, generator
+    and latents each choose the initial noise: more than one would leave all but one unused."""
+    choices = {"seed": seed, "generator": generator, "latents": latents}
+    given = [name for name, value in choices.items() if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass one of seed, generator and latents, not {' and '.join(given)}: each sets the noise")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be one torch.Generator, not a {type(generator).__name__}: "
                          "for one per image, pass seed=[...]")  # fmt: skip

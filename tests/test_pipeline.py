@@ -157,7 +157,7 @@ def test_output_types(ours_flux):
 def test_seed_latents_and_generator_agree(ours_flux):
     by_seed = ours(ours_flux, PROMPTS[0], seed=5, guidance_scale=1.0, output_type="latent")
     noise = torch.randn((1, 16, 32, 32), generator=torch.Generator("cpu").manual_seed(5))
-    by_latents = ours(ours_flux, PROMPTS[0], latents=noise, guidance_scale=1.0, output_type="latent")
+    by_latents = ours(ours_flux, PROMPTS[0], seed=None, latents=noise, guidance_scale=1.0, output_type="latent")
     by_generator = ours_flux(
         PROMPTS[0], generator=torch.Generator("cpu").manual_seed(5), num_inference_steps=2, guidance_scale=1.0,
         output_type="latent", progress=False,
@@ -236,6 +236,8 @@ def test_custom_sigmas_set_the_schedule(ref_flux, ours_flux):
         (dict(seed=[0, 2**64], num_images_per_prompt=2), r"seeds must be in \[0, 2\*\*64\), got 18446744073709551616"),
         (dict(height=20_000), "height and width must be 1 to 16384 pixels, got 20000x256"),
         (dict(seed=5.0), "seeds must be integers, got 5.0"),
+        (dict(seed=1, generator=torch.Generator()), "pass one of seed, generator and latents, not seed and generator"),
+        (dict(generator=torch.Generator(), latents=torch.zeros(1, 16, 32, 32)), "not generator and latents:"),
         (dict(generator=[torch.Generator()]), "generator must be one torch.Generator, not a list: for one per image"),
         (dict(prompt=[]), "prompt must be a string or a non-empty list of strings"),
         (dict(prompt=["a", None]), "prompt must be a string or a non-empty list of strings"),
