@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import PixArtImageProcessor, VaeImageProcessor
 from torch import nn
 
-from mirage.autoencoder import TILE_PIXELS, decode_latents, images_to_latents, latents_to_images
+from mirage.autoencoder import TILE_PIXELS, decode_latents, images_to_latents, latents_to_images, to_unit_range
 from mirage.configs import FluxVAEConfig
 from mirage.vae_flux import FluxVAE
 from parity import assert_parity, randomize_
@@ -74,6 +74,14 @@ def test_latents_to_images_is_prx_post_processing():
     assert_parity(decode_latents(ours, latents), decoded)
 
 
+def test_unit_range_clamps_as_the_image_processor_does():
+    """A decoder overshoots [-1, 1] on real images: the pixels saturate (unclamped, to_pil would wrap around)."""
+    decoded = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    expected = PixArtImageProcessor(vae_scale_factor=4).postprocess(decoded, output_type="pt")
+    assert expected.min() == 0 and expected.max() == 1  # the values do leave the range
+    assert torch.equal(to_unit_range(decoded), expected)
+
+
 @torch.no_grad()
 def test_images_to_latents_is_the_inverse_convention():
     ours, ref = tiny_pair()
@@ -85,8 +93,9 @@ def test_images_to_latents_is_the_inverse_convention():
 
 
 def test_images_to_latents_needs_whole_latent_cells():
-    with pytest.raises(ValueError, match="multiple"):
-        images_to_latents(LocalVAE(8), torch.rand(1, 3, 64, 60))
+    for size in [(64, 60), (60, 64)]:  # width, then height
+        with pytest.raises(ValueError, match="multiple"):
+            images_to_latents(LocalVAE(8), torch.rand(1, 3, *size))
 
 
 @torch.no_grad()
@@ -94,13 +103,18 @@ def test_conversions_cast_inputs_to_the_vae_dtype():
     vae = LocalVAE(8).to(torch.bfloat16)
     assert latents_to_images(vae, torch.randn(1, 4, 3, 5)).dtype == torch.bfloat16
     assert images_to_latents(vae, torch.rand(1, 3, 24, 40)).dtype == torch.bfloat16
+    # Tiles are blended in fp32, and the blend comes back in the VAE's dtype too.
+    assert latents_to_images(vae, torch.randn(1, 4, 3, 5), tiled=True, tile_pixels=16).dtype == torch.bfloat16
+    assert images_to_latents(vae, torch.rand(1, 3, 24, 40), tiled=True, tile_pixels=16).dtype == torch.bfloat16
 
 
 # ---- tiling ------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("f, grid, tile_pixels", [(8, (13, 29), 64), (32, (7, 5), 96), (8, (9, 9), 64)])
+@pytest.mark.parametrize(
+    "f, grid, tile_pixels", [(8, (13, 29), 64), (32, (7, 5), 96), (8, (9, 9), 64), (8, (5, 29), 64), (32, (9, 2), 96)]
+)  # the last two: one side shorter than a tile (a single, shorter row or column of tiles)
 def test_tiling_is_exact_for_a_local_vae(f, grid, tile_pixels):
     """Tile placement, ramps and normalisation add up to exactly one untiled pass, for any compression."""
     vae = randomize_(LocalVAE(f), seed=f)
@@ -123,6 +137,17 @@ def test_tiles_crossfade_linearly():
     assert len(vae.calls) == 2  # columns 0-7 and 4-11: an overlap of 4 cells = 32 px, ramps of 2 cells = 16 px
     assert torch.all(out[:32] == 0) and torch.all(out[64:] == 1)
     assert torch.allclose(out[32:64], (torch.arange(32) + 0.5) / 32, atol=1e-6)
+
+
+@torch.no_grad()
+def test_neighbouring_tiles_share_a_quarter_of_a_tile():
+    """29 cells in tiles of 8 (64 px at f = 8): the fewest tiles whose neighbours share >= 2 cells, which is 5."""
+    vae, starts = LocalVAE(8), []
+    vae.config = SimpleNamespace(scaling_factor=1.0, shift_factor=0.0)  # the decoder sees the latents as given
+    vae.decode = lambda z: starts.append(int(z[0, 0, 0, 0])) or torch.zeros(1, 3, 8 * z.shape[-2], 8 * z.shape[-1])
+    decode_latents(vae, torch.arange(29.0).expand(1, 4, 3, 29), tiled=True, tile_pixels=64)  # cell value = column
+    assert len(starts) == 5 and starts[0] == 0 and starts[-1] == 29 - 8
+    assert all(8 - (b - a) >= 2 for a, b in zip(starts, starts[1:]))
 
 
 @torch.no_grad()
@@ -156,6 +181,9 @@ def test_tiling_switches_on_above_a_1024px_image():
     latents_to_images(vae, torch.zeros(1, 4, side, side + 1))  # 1024 x 1032: tiled
     assert len(vae.calls) == 2 and all(max(size) <= side for size in vae.calls)
     vae.calls.clear()
+    images_to_latents(vae, torch.zeros(1, 3, TILE_PIXELS // 2, 2 * TILE_PIXELS))  # 512 x 2048 encodes in one pass too
+    assert vae.calls == [(TILE_PIXELS // 2, 2 * TILE_PIXELS)]
+    vae.calls.clear()
     images_to_latents(vae, torch.zeros(1, 3, TILE_PIXELS + 8, TILE_PIXELS))
     assert len(vae.calls) == 2
     vae.calls.clear()
@@ -165,5 +193,6 @@ def test_tiling_switches_on_above_a_1024px_image():
 
 
 def test_tile_size_must_fit_the_compression():
-    with pytest.raises(ValueError, match="tile_pixels"):
-        latents_to_images(LocalVAE(32), torch.zeros(1, 4, 4, 4), tiled=True, tile_pixels=48)
+    for tile_pixels in (48, 32):  # not a multiple of f; a single cell, which no neighbour could overlap
+        with pytest.raises(ValueError, match="tile_pixels"):
+            latents_to_images(LocalVAE(32), torch.zeros(1, 4, 4, 4), tiled=True, tile_pixels=tile_pixels)
