@@ -4,6 +4,7 @@ A torchrun run (two processes, one image per call) is compared with an in-proces
 batching three items per call, on a tiny converted checkpoint; a killed run is simulated on its output folder.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -89,6 +90,12 @@ def test_reading_prompts_file(prompts_file):
     assert items[4].negative_prompt == "blurry" and items[0].negative_prompt == ""
     batches = jobs.batches(items, 2)  # same size, steps and guidance share a call, in file order
     assert [[item.index for item in batch] for batch in batches] == [[0, 1], [3], [2], [4], [5]]
+
+
+def test_default_names_are_slugs_of_at_most_48_characters():
+    assert jobs.default_name(7, "A café at night!") == "00007-a-cafe-at-night"
+    assert jobs.default_name(0, "a" * 47 + " b") == "00000-" + "a" * 47  # cut at a hyphen: no trailing one
+    assert jobs.default_name(12, "東京 !!") == "00012"
 
 
 @pytest.mark.parametrize(
@@ -206,6 +213,49 @@ def test_write_item_renames_the_strip_first_and_leaves_no_partial_file(tmp_path,
     with pytest.raises(OSError, match="No space left"):
         jobs.write_item(tmp_path, item, picture, picture, record, tmp_path / jobs.MANIFEST)
     assert not list(tmp_path.rglob("*.partial")) and not (tmp_path / item.file).exists()
+
+
+def test_an_item_is_pending_until_its_image_and_its_strip_are_both_there(tmp_path):
+    """A run with --save-trajectory redoes an item whose image an earlier run without it wrote."""
+    (tmp_path / "p.txt").write_text("a cat\n")
+    item = jobs.read_prompts(tmp_path / "p.txt", DEFAULTS)[0]
+    assert jobs.pending([item], tmp_path) == jobs.pending([item], tmp_path, trajectory=True) == [item]
+    (tmp_path / item.file).write_bytes(b"")
+    assert jobs.pending([item], tmp_path) == [] and jobs.pending([item], tmp_path, trajectory=True) == [item]
+    (tmp_path / jobs.TRAJECTORIES).mkdir()
+    (tmp_path / jobs.TRAJECTORIES / item.file).write_bytes(b"")
+    assert jobs.pending([item], tmp_path, trajectory=True) == []
+
+
+def test_merged_manifest_keeps_the_newest_record_of_each_file_on_disk(tmp_path):
+    """An item redone (by another rank, or after a crash) has two records: the newer one describes the file."""
+    old = {"file": "a.png", "index": 0, "time": "2025-01-01T10:00:00.000+00:00", "rank": 1}
+    new = {**old, "time": "2025-01-01T11:00:00.000+00:00", "rank": 0}
+    gone = {"file": "b.png", "index": 1, "time": old["time"], "rank": 0}  # its image was deleted since
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / jobs.MANIFEST).write_text(json.dumps(new) + "\n" + json.dumps(gone) + "\n")
+    (tmp_path / "manifest.rank1.jsonl").write_text(json.dumps(old) + "\n")
+    assert jobs.merge_manifests(tmp_path) == 1
+    assert manifest(tmp_path) == [new] and not (tmp_path / "manifest.rank1.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"prompt": "a dog"}, {"negative_prompt": "blurry"}, {"seed": 11}, {"height": 96}, {"width": 96}, {"steps": 3},
+     {"guidance": 2.0}, {"weights": "/other"}, {"dtype": "bf16"}, {"no_binning": False},
+     {"lora": [{"path": "/style.safetensors", "scale": 0.8}]}],  # fmt: skip
+    ids=lambda change: next(iter(change)),
+)
+def test_an_image_is_kept_only_if_every_setting_that_made_it_is_unchanged(tmp_path, change):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    item = jobs.read_prompts(tmp_path / "p.txt", DEFAULTS)[0]
+    settings = {"weights": "/weights", "dtype": "fp32", "no_binning": True, "lora": []}
+    jobs.save_png(Image.new("RGB", (8, 8)), tmp_path / item.file, {**dataclasses.asdict(item), **settings})
+    jobs.check_outdir([item], tmp_path, settings)  # the same settings: the image is kept
+    own = {key: value for key, value in change.items() if hasattr(item, key)}  # the item's setting, else the run's
+    run = {**settings, **{key: value for key, value in change.items() if key not in own}}
+    with pytest.raises(ValueError, match=f"made with {next(iter(change))} "):
+        jobs.check_outdir([dataclasses.replace(item, **own)], tmp_path, run)
 
 
 def test_torchrun_shards_items_and_resumes_a_killed_run(mirage_flux, prompts_file, single_run, tmp_path):
