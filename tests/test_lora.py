@@ -193,6 +193,20 @@ def test_lora_configs_that_cannot_be_used(pair, tmp_path):
     assert lora_names(ours) == ["rank"]
 
 
+def test_alpha_pattern_keys_are_peft_layer_names_and_the_first_match_wins(pair, tmp_path):
+    """PEFT matches a key against the end of a layer's name at a dot ("qkv_proj" is not the name of img_qkv_proj),
+    and takes the first key that matches (blocks.0.gate_proj: 3, not 5)."""
+    ours, _, _, _ = copy.deepcopy(pair)
+    lora = random_lora(targets(ours, "img_qkv_proj", "gate_proj"), 4, seed=14)
+    path = tmp_path / "lora.safetensors"
+    config = {"lora_alpha": 8, "alpha_pattern": {"qkv_proj": 2, "gate_proj": 3, r"blocks\.0\..*": 5}}
+    save_file(state_dict_of({k: (down, up, None) for k, (down, up, _) in lora.items()}, "peft"), path,
+              metadata={"lora_adapter_metadata": json.dumps(config)})  # fmt: skip
+    load_lora(ours, path)
+    alphas = {layer: ours.get_submodule(layer).loras[0].alpha for layer in lora}
+    assert alphas == {layer: 3 if "gate_proj" in layer else 5 if layer.startswith("blocks.0.") else 8 for layer in lora}
+
+
 @torch.no_grad()
 def test_scale_changes_without_reloading(pair):
     ours, ref, x, base = copy.deepcopy(pair)
