@@ -20,7 +20,7 @@ from transformers.models.t5gemma.modeling_t5gemma import T5GemmaForConditionalGe
 import convert_weights
 import mirage
 from mirage.configs import FluxVAEConfig, MirageConfig, TransformerConfig
-from mirage.loading import CheckpointError
+from mirage.loading import CheckpointError, rename_original_key
 from mirage.tokenizer import GemmaTokenizer
 from mirage.vae_flux import FluxVAE
 
@@ -459,6 +459,14 @@ def test_original_codebase_mlp_width_survives_the_ratio():
     assert int(352 * (480 / 352)) == 479
     config = convert_weights.infer_transformer_config(weights, latent_channels=16)
     assert int(config.hidden_size * config.mlp_ratio) == 480
+
+
+def test_two_digit_block_indices_are_renamed_too():
+    """The published transformers have more than ten blocks (the tiny test one has two)."""
+    for index in (9, 10, 23):
+        for name in ORIGINAL_NAMES:
+            key = f"blocks.{index}.{name}"
+            assert rename_original_key(to_original_name(key)) == key
 
 
 # ---- whatever stops a conversion, OUT is whole ----------------------------------------------------
