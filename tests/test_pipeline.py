@@ -264,6 +264,14 @@ def test_bad_requests_fail_early_with_a_clear_message(ours_flux, kwargs, message
         nearest_bin(100, 100, 384)
 
 
+def test_sides_up_to_the_largest_are_allowed():
+    """16384 px, the largest side a request may have, is allowed itself, binned or not, as is 1 px."""
+    pipeline.check_size(pipeline.MAX_SIDE, 1, multiple=1, binning=True)
+    pipeline.check_size(pipeline.MAX_SIDE, pipeline.MAX_SIDE, multiple=16, binning=False)
+    with pytest.raises(ValueError, match="1 to 16384 pixels, got 16385x1"):
+        pipeline.check_size(pipeline.MAX_SIDE + 1, 1, multiple=1, binning=True)
+
+
 def test_resize_and_crop_matches_reference_image_processor():
     from diffusers.image_processor import PixArtImageProcessor
 
