@@ -147,6 +147,8 @@ def test_reference_checkpoint_folder_loads_strictly(tmp_path):
     assert config == EXTRAS_TINY
     state_dict = read_safetensors(tmp_path / "diffusion_pytorch_model.safetensors")
     ours = build_model(lambda: MirageTransformer(config), state_dict)
+    # For inference: a model run outside no_grad (jobs.Trajectory.strips decodes so) must not keep its activations.
+    assert not any(p.requires_grad for p in ours.parameters()) and not ours.training
     latents, sigma, text, mask = inputs(config)
     assert_parity(ours(latents, sigma, ours.encode_text(text, mask)), ref_forward(ref, latents, sigma, text, mask))
     state_dict["txt_in.weight"] = state_dict["txt_in.weight"].int()
