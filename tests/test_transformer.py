@@ -87,6 +87,19 @@ def test_unpadded_text_needs_no_mask():
 
 
 @torch.no_grad()
+def test_a_0_1_integer_mask_is_a_bool_mask():
+    """transformers' tokenizers give attention masks as 0/1 integers: read as True/False, never as SDPA's additive
+    float bias (which would attend to padding) nor refused."""
+    ours, _ = make_pair(FLUX_TINY, seed=12)
+    latents, sigma, text, mask = inputs(FLUX_TINY)
+    expected = ours(latents, sigma, ours.encode_text(text, mask))
+    for as_numbers in (mask.long(), mask.float()):
+        context = ours.encode_text(text, as_numbers)
+        assert context.mask.dtype == torch.bool
+        assert torch.equal(ours(latents, sigma, context), expected)
+
+
+@torch.no_grad()
 def test_sdpa_mask_stays_broadcastable(monkeypatch):
     ours, _ = make_pair(FLUX_TINY)
     latents, sigma, text, mask = inputs(FLUX_TINY)
@@ -191,8 +204,11 @@ def test_bad_inputs_raise():
     ours, _ = make_pair(FLUX_TINY)
     latents, sigma, text, mask = inputs(FLUX_TINY)
     context = ours.encode_text(text, mask)
-    with pytest.raises(ValueError, match="latents"):
-        ours(latents[:, :, :-1], sigma, context)  # height not a multiple of the patch
+    for bad in (latents[:, :, :-1], latents[..., :-1], latents[:, :-1]):  # height, width off the patch; channels
+        with pytest.raises(ValueError, match="latents"):
+            ours(bad, sigma, context)
+    with pytest.raises(ValueError, match="sigma"):
+        ours.modulate(sigma[0], *latents.shape[-2:])  # a 0-d noise level, not [N]
     with pytest.raises(ValueError, match="rows"):
         ours(latents[:2], sigma[:2], context)
     with pytest.raises(ValueError, match="text_mask"):
