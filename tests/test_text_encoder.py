@@ -171,11 +171,24 @@ def test_full_preset_has_the_reference_keys_shapes_and_size():
     assert not list(ours.buffers())  # nothing a meta-device build could leave behind
 
 
-def test_forward_rejects_a_non_bool_mask():
+def test_the_embedding_table_is_drawn_except_on_the_meta_device(monkeypatch):
+    from mirage.text_encoder import Embedding
+
+    torch.manual_seed(0)
+    ours = Embedding(50, 8, padding_idx=0)
+    torch.manual_seed(0)
+    assert torch.equal(ours.weight, torch.nn.Embedding(50, 8, padding_idx=0).weight)  # built on the CPU: as torch draws
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda *args, **kwargs: pytest.fail("drew values on the meta device"))
+    with torch.device("meta"):
+        assert Embedding(50, 8).weight.is_meta
+
+
+def test_forward_rejects_a_non_bool_or_misshaped_mask():
     _, ours = tiny_pair()
     ids, mask = pad(random_prompts([4]), 4, "right")
-    with pytest.raises(ValueError, match="bool"):
-        ours(ids, mask.long())
+    for bad in (mask.long(), mask[:, :3], mask.expand(2, 4)):  # not bool; shorter or more rows than the ids
+        with pytest.raises(ValueError, match="bool tensor shaped like input_ids"):
+            ours(ids, bad)
 
 
 # ---- parity ---------------------------------------------------------------------------------
