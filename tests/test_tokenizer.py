@@ -158,6 +158,17 @@ def test_user_defined_space_runs_are_both_typed_tokens_and_bpe_pieces(tmp_path):
         sentencepiece_model_from_tokenizer_json(tokenizer_json)
 
 
+def test_user_defined_scores_keep_their_id_order_between_their_neighbours():
+    """SentencePiece merges the highest score first: unscored user-defined pieces placed before the first normal
+    piece, after the last, or between two, must score strictly between those neighbours and fall with their id."""
+    from mirage.tokenizer import _between
+
+    for before, after in [(None, None), (None, -3.0), (-5.0, None), (-5.0, -6.0)]:
+        scores = [_between(before, after, k, 4) for k in range(4)]
+        assert all(a > b for a, b in zip(scores, scores[1:])), (before, after, scores)
+        assert (before is None or scores[0] < before) and (after is None or scores[-1] > after), (before, after, scores)
+
+
 def test_piece_types_are_read_from_any_layout_of_the_protobuf():
     """The shortcut for SentencePiece's own layout (text under 128 bytes, score, type unless normal), and the
     field-by-field reading for every other: long texts, no score, fields in another order."""
@@ -266,6 +277,10 @@ BROKEN_TOKENIZER_JSON = {
     "missing merge": _drop_needed_merge,
     "added token beyond vocab": lambda j: j["added_tokens"].append({**j["added_tokens"][0], "id": 10**6}),
     "added token lstrip": lambda j: j["added_tokens"][4].update(lstrip=True),
+    "added token rstrip": lambda j: j["added_tokens"][4].update(rstrip=True),
+    "added token single word": lambda j: j["added_tokens"][4].update(single_word=True),
+    "added token normalized": lambda j: j["added_tokens"][4].update(normalized=True),
+    "added token not its piece": lambda j: j["added_tokens"][4].update(content="<not the piece>"),
     "missing byte piece": lambda j: _rename_piece(j, "<0x09>", "<0x09>?"),
     "unknown token missing": lambda j: _rename_piece(j, "<unk>", "<unknown>"),
 }
