@@ -44,6 +44,13 @@ NASTY = [
     "emoji 😀🎨 and ǅ ß İ ﬁ",
     "\x00null\x7fdel\u200bzero-width",
     "a (b) [c] {d} |e| \\f/ *g* ~h~ §i ¿j? ¡k! ©l ®m ™n •o ·p ½q",
+    # each at the edge of a rule: 3 joiners (kept), 6 digits, 2 dots, the last top-level domain listed, doubly
+    # escaped HTML beside a "<" (which stops ftfy's own unescaping, so both html.unescape passes show)
+    "a-b-c-d",
+    "order 123456 shipped",
+    "wait.. ok",
+    "shop at example.it today",
+    "1 < 2 &amp;quot;ok&amp;quot;",
 ]
 
 
@@ -71,6 +78,8 @@ def test_the_table_exercises_the_rules():
     assert cleaned[24] == '"big sale"'
     assert basic_clean(NASTY[15]) == "mojibake: schön café"
     assert basic_clean(NASTY[6]) == 'AT&T "quoted" & more <b>bold</b> <double>'
+    assert cleaned[-5:-1] == ["a-b-c-d", "order shipped", "wait ok", "shop at today"]  # > 3 joiners are split
+    assert basic_clean(NASTY[-1]) == '1 < 2 "ok"'
 
 
 # Expected strings follow the training code's rules by hand: lower-case; “ ” -> " and ‘ ’ -> ';
