@@ -44,6 +44,18 @@ def test_native_bf16_is_known_per_device():
     assert isinstance(precision.native_bf16(torch.device("cpu")), bool)
 
 
+@pytest.mark.parametrize("bf16, fp16", [(True, False), (False, True)])
+def test_cpu_kernels_are_asked_per_dtype(bf16, fp16, monkeypatch):
+    """oneDNN has bf16 kernels on AVX-512 CPUs and fp16 ones only with AVX-512-FP16 or AMX-FP16: asked apart.
+    float16's products and convolutions are native on CUDA and Apple GPUs, never on the meta device."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: fp16)
+    cpu = torch.device("cpu")
+    assert (precision.native_bf16(cpu), precision.native_fp16(cpu)) == (bf16, fp16)
+    assert precision.native(torch.bfloat16, cpu) is bf16 and precision.native(torch.float16, cpu) is fp16
+    assert [precision.native_fp16(torch.device(d)) for d in ("cuda", "mps", "meta")] == [True, True, False]
+
+
 def test_float16_without_native_kernels_runs_float32(monkeypatch, caplog):
     """AVX2 CPUs: PyTorch's fp16 products there run on slow reference paths (a full-width block 3x fp32's time)."""
     monkeypatch.setattr(precision, "native_fp16", lambda device: False)
@@ -63,11 +75,11 @@ def test_native_bf16_asks_the_cuda_device_named(monkeypatch):
     assert precision.native_bf16(torch.device("cuda:0")) and not precision.native_bf16(torch.device("cuda:1"))
 
 
-@pytest.mark.parametrize("macos_14", [True, False])
-def test_bf16_on_apple_gpus_needs_macos_14(macos_14, monkeypatch):
+@pytest.mark.parametrize("macos", [(14, 0), (13, 5)])
+def test_bf16_on_apple_gpus_needs_macos_14(macos, monkeypatch):
     """torch refuses bf16 tensors on MPS before macOS 14 ("MPS BFloat16 is only supported on MacOS 14 or newer")."""
-    on_macos_14 = lambda major, minor: (major, minor) <= (14, 0) and macos_14  # noqa: E731
-    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", on_macos_14)
+    macos_14 = macos >= (14, 0)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= macos)
     assert precision.native_bf16(torch.device("mps")) is macos_14
     precision._log_once.cache_clear()
     expected = torch.bfloat16 if macos_14 else torch.float32
