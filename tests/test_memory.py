@@ -145,6 +145,52 @@ def test_a_streamed_call_stopped_midway_still_sends_the_weights_home():
     assert model[0][0].weight is weight and weight.device == torch.device("cpu")
 
 
+class TwoLinears(torch.nn.Module):
+    """A block whose second linear must be on the device before the first runs: the whole block visits at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        assert self.second.weight.device == x.device, "the block's parts came one by one"
+        return self.second(self.first(x))
+
+
+class Blocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([TwoLinears(), TwoLinears()])
+        self.norm = torch.nn.BatchNorm1d(4).eval()  # buffers (running statistics) visit with the weights
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def test_each_block_of_a_list_visits_whole_and_leaves_nothing_behind():
+    model, meta = Blocks(), torch.device("meta")
+    memory.stream_parts(model, meta)
+    tensors = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    for _ in range(2):
+        assert model(torch.zeros(2, 4, device=meta)).device == meta
+    assert {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]} == tensors  # the CPU ones
+    # a call's restores are dropped once done: none pile up, nor keep a replaced weight (a fused LoRA's) alive
+    assert all(not module.streamed_home for module in model.modules() if hasattr(module, "streamed_home"))
+    del tensors
+    replaced = weakref.ref(model.blocks[0].first.weight)
+    model.blocks[0].first.weight = torch.nn.Parameter(torch.zeros(4, 4))
+    model(torch.zeros(2, 4, device=meta))
+    assert replaced() is None
+
+
+def test_memory_is_ample_beyond_twice_the_weights(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 3000)
+    cpu = torch.device("cpu")
+    assert memory.is_ample(cpu, 1499) and not memory.is_ample(cpu, 1500) and not memory.is_ample(cpu, 2000)
+
+
 def test_an_embedding_table_is_read_in_cpu_memory():
     table = torch.nn.Embedding(10, 4)
     memory.stream_parts(torch.nn.Sequential(table), torch.device("meta"))
@@ -301,11 +347,14 @@ def test_converting_read_never_holds_the_file_and_its_conversion(tmp_path):
 
 
 def test_free_memory_figures_per_device_and_os(monkeypatch):
-    """Apple GPUs: Metal's budget for the process, less what it holds. CPUs: free memory where the OS says (Linux),
-    all of it where it says only that (macOS), none where it says nothing (Windows: the text encoder is freed)."""
+    """Apple GPUs: Metal's budget for the process, less what it holds. CUDA: its free memory, not its total. CPUs:
+    free memory where the OS says (Linux), all of it where it says only that (macOS), none where it says nothing
+    (Windows: the text encoder is freed)."""
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 12 << 30, raising=False)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 << 30)
     assert memory.available_bytes(torch.device("mps")) == 10 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 << 30, 80 << 30))  # (free, total)
+    assert memory.available_bytes(torch.device("cuda", 1)) == 3 << 30
     pages = {"SC_AVPHYS_PAGES": 1000, "SC_PHYS_PAGES": 4000, "SC_PAGE_SIZE": 4096}
 
     def sysconf(name):
