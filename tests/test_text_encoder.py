@@ -224,6 +224,27 @@ def test_bf16_is_as_accurate_as_the_reference_bf16():
     assert max_rel_err(ours_bf16[mask], exact[mask]) <= 1.5 * ref_err
 
 
+def test_bf16_embeddings_are_scaled_by_the_rounded_factor_like_the_reference():
+    """sqrt(hidden_size) rounded to the activation dtype first (sqrt(48) -> 6.9375 in bf16), as the reference
+    does: the first layer gets the same bf16 input, bit for bit."""
+    ref, ours = tiny_pair(seed=5)
+    ids, mask = pad(random_prompts([6, 3], seed=6), 6, "left")
+    seen = {}
+
+    def first_layer_input(name):
+        def hook(module, args, kwargs):
+            seen[name] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    for name, model in (("ref", ref), ("ours", ours)):
+        model.layers[0].register_forward_pre_hook(first_layer_input(name), with_kwargs=True)
+    with torch.no_grad():
+        ref.bfloat16()(input_ids=ids, attention_mask=mask)
+        ours.bfloat16()(ids, mask)
+    assert seen["ours"].dtype == torch.bfloat16 and torch.equal(seen["ours"][0], seen["ref"][mask])
+
+
 def test_token_outputs_do_not_depend_on_padding():
     _, ours = tiny_pair(seed=5)
     prompts = random_prompts([9, 4, 1], seed=6)
