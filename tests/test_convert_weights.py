@@ -12,6 +12,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file, save_file
 from transformers import GemmaTokenizerFast
 from transformers.models.t5gemma.configuration_t5gemma import T5GemmaConfig
@@ -229,6 +230,14 @@ def shrink_text_vocabulary(folder: Path):
     path.write_text(json.dumps({**config, "encoder": {**config["encoder"], "vocab_size": 100}}))
 
 
+def widen_text_embeddings(folder: Path):
+    """A text encoder twice as wide as the transformer reads: each part matches its own weights."""
+    path = folder / "text_encoder/config.json"
+    config = json.loads(path.read_text())
+    encoder = config["encoder"]
+    path.write_text(json.dumps({**config, "encoder": {**encoder, "hidden_size": 2 * encoder["hidden_size"]}}))
+
+
 def broken(edit):
     return lambda src, tmp: [broken_copy(src, tmp, edit)]
 
@@ -252,11 +261,15 @@ def broken(edit):
          "model-1.safetensors, listed in model.safetensors.index.json, is missing"),
         (broken(lambda f: (f / "tokenizer/tokenizer.model").write_bytes(b"not a model")), "not a SentencePiece model"),
         (broken(shrink_text_vocabulary), "has 800 pieces, but the text encoder embeds only 100"),
+        (broken(widen_text_embeddings), "-dim text embeddings but the text encoder makes"),
         (lambda src, tmp: [broken_copy(src, tmp, lambda f: truncate(f / "transformer/diffusion_pytorch_model.safetensors"))],
          r"diffusion_pytorch_model.safetensors is not a readable safetensors file \(.*\): download or copy it again$"),
         (lambda src, tmp: [broken_copy(src, tmp, lambda f: set_vae_class(f, "VQModel"))], "not a VAE mirage knows"),
         (lambda src, tmp: [broken_copy(src, tmp, lambda f: (f / "model_index.json").unlink())], "no model_index.json"),
         (lambda src, tmp: [src, "--vae-type", "dc-ae"], "AutoencoderKL"),
+        (broken(edit_json("model_index.json", vae=["diffusers", "AutoencoderDC"])),
+         r"holds an AutoencoderKL \(flux\), but model_index.json says dc-ae"),
+        (lambda src, tmp: ["--vae", src / "vae"], "no transformer found: pass --transformer PATH"),  # OUT, a part flag
         (lambda src, tmp: [src, "--transformer", src.parent / "prx-dcae/transformer"], "latent channels"),
         (lambda src, tmp: [src, "--text-encoder", src / "vae"], "text_encoder|T5Gemma|model_type"),
     ],
@@ -289,6 +302,12 @@ def test_existing_output_needs_force(prx_flux, mirage_flux, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     convert(prx_flux, out, "--force")
     assert not (out / "keep.txt").exists() and config_of(out) == config_of(mirage_flux)
+
+
+def test_force_takes_an_empty_folder(prx_flux, mirage_flux, tmp_path):
+    (tmp_path / "out").mkdir()  # made beforehand, say by a mount or `mkdir -p`
+    convert(prx_flux, tmp_path / "out", "--force")
+    assert config_of(tmp_path / "out") == config_of(mirage_flux)
 
 
 def test_force_replaces_only_a_converted_checkpoint(prx_flux, mirage_flux, tmp_path, monkeypatch):
@@ -431,6 +450,28 @@ def test_variant_files_are_read_with_variant(prx_flux, tmp_path):
     assert_same_tensors(converted(tmp_path / "out", "vae"), original)
 
 
+def test_a_variant_is_read_over_the_plain_files_beside_it(prx_flux, tmp_path):
+    def add_fp16(folder):
+        vae = folder / "vae"
+        half = {k: v.half() for k, v in load_file(vae / "diffusion_pytorch_model.safetensors").items()}
+        save_file(half, vae / "diffusion_pytorch_model.fp16.safetensors")
+
+    src = broken_copy(prx_flux, tmp_path, add_fp16)
+    convert(src, tmp_path / "out", "--variant", "fp16")
+    fp16 = load_file(src / "vae/diffusion_pytorch_model.fp16.safetensors")
+    assert_same_tensors(converted(tmp_path / "out", "vae"), fp16)
+
+
+def test_scheduler_keys_left_out_take_diffusers_defaults(prx_flux, tmp_path):
+    """A scheduler_config.json may name only its class: its shift and num_train_timesteps are then diffusers'."""
+    only_class = {"_class_name": "FlowMatchEulerDiscreteScheduler"}
+    src = broken_copy(prx_flux, tmp_path, edit_json("scheduler/scheduler_config.json", whole=only_class))
+    convert(src, tmp_path / "out")
+    reference = FlowMatchEulerDiscreteScheduler.from_pretrained(src / "scheduler").config
+    sampling = config_of(tmp_path / "out").sampling
+    assert (sampling.shift, sampling.num_train_timesteps) == (reference.shift, reference.num_train_timesteps)
+
+
 def test_distilled_is_read_from_the_checkpoint_name_only(prx_flux, tmp_path, capsys):
     base = shutil.copytree(prx_flux, tmp_path / "not-distilled-yet" / "prx-512-t2i-sft")
     convert(base, tmp_path / "a")
@@ -448,6 +489,15 @@ def test_distilled_is_read_from_the_checkpoint_name_only(prx_flux, tmp_path, cap
     convert(distilled, tmp_path / "c", "--steps", 12)  # the flag over the name's 8
     sampling = config_of(tmp_path / "c").sampling
     assert (sampling.num_inference_steps, sampling.guidance_scale) == (12, 1.0)
+
+
+def test_a_config_json_without_sampling_settings_reads_the_defaults(mirage_flux):
+    """A checkpoint converted before config.json held them; a hand-edited guidance below 1 is refused."""
+    saved = json.loads((mirage_flux / "config.json").read_text())
+    del saved["sampling"]
+    assert MirageConfig.from_dict(saved).sampling == convert_weights.SamplingConfig()
+    with pytest.raises(ValueError, match="a finite guidance_scale >= 1, got 28, 0.5"):
+        convert_weights.SamplingConfig(guidance_scale=0.5)
 
 
 def test_original_codebase_mlp_width_survives_the_ratio():
@@ -585,6 +635,10 @@ def test_leftovers_of_killed_conversions_are_removed(prx_flux, mirage_flux, tmp_
     with pytest.raises(CheckpointError, match="prx already exists: pass --force"):
         convert(prx_flux, weights / "prx")
     assert config_of(weights / "prx") == config_of(mirage_flux)
+    # one set aside while OUT is there (converted again since) is only deleted
+    shutil.copytree(mirage_flux, weights / f".prx.old-{gone.pid}")
+    convert(prx_flux, weights / "prx", "--force")
+    assert sorted(p.name for p in weights.iterdir()) == [f".other.tmp-{gone.pid}", f".prx.tmp-{os.getppid()}", "prx"]
 
 
 def test_a_source_inside_out_is_refused_before_reading(prx_flux, mirage_flux, tmp_path):
