@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,7 +101,8 @@ def test_weights_are_looked_for_where_you_are_then_beside_sample_py(tmp_path, mo
     import sample
 
     here, beside = tmp_path / "here", tmp_path / "repo"
-    for folder in (here / "weights" / "mine", beside / "weights" / "a", beside / "weights" / "b"):
+    hidden = here / "weights" / ".mine.tmp-123"  # a conversion's, whose config.json is written last
+    for folder in (here / "weights" / "mine", hidden, beside / "weights" / "a", beside / "weights" / "b"):
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
     monkeypatch.chdir(here)  # where convert_weights.py wrote weights/mine
@@ -135,6 +137,47 @@ def test_names_taken_meanwhile_are_never_overwritten(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="cat_1.png was written meanwhile by something else: choose another"):
         sample.claim(paths, given)
     assert paths[1].read_bytes() == b"written meanwhile" and not paths[0].exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "a cat", "--num-images", "0"], "--num-images must be at least 1, got 0"),
+        (["--prompt", "a cat", "--height", "0"], "--height must be positive, got 0"),  # not 0 read as "unset"
+        (["--prompt", "a cat", "--width", "0"], "--width must be positive, got 0"),
+        (["--prompt", "a cat", "--guidance", "inf"], "--guidance must be a number >= 1"),
+        (["--prompt", "a cat", "--negative-prompt", "caf\udce9"], "--negative-prompt holds bytes that are not UTF-8"),
+        (["--prompts-file", "p.txt", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_is_read(args, message):
+    import sample
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sample.parse_options(args)
+
+
+def test_output_names_in_capitals_and_links_to_nothing(tmp_path):
+    import sample
+
+    assert sample.parse_options(["--prompt", "a cat", "--output", "CAT.PNG"]).output == Path("CAT.PNG")
+    link = tmp_path / "cat.png"
+    link.symlink_to(tmp_path / "nowhere.png")  # refused now, not by claim() after sampling
+    with pytest.raises(FileExistsError, match="cat.png exists: choose another --output"):
+        sample.output_paths(link, 1)
+
+
+def test_unset_steps_guidance_and_seed_are_the_checkpoints_and_random(prx_flux, tmp_path, monkeypatch):
+    import convert_weights
+    import sample
+
+    convert_weights.main([str(prx_flux), str(tmp_path / "weights"), "--steps", "1", "--guidance", "2.5"])
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        sample.main(["--prompt", "a cat", "--weights", str(tmp_path / "weights"), "--height", "64", "--width", "64"])
+    first, second = (json.loads(Image.open(tmp_path / f"outputs/0000{i}.png").text["mirage"]) for i in (0, 1))
+    assert (first["steps"], first["guidance"]) == (1, 2.5)
+    assert first["seed"] != second["seed"]  # drawn for each run (equal once in 2**31 runs)
 
 
 def test_prompt_is_refused_under_torchrun(monkeypatch):
