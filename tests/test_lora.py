@@ -516,3 +516,15 @@ def test_sample_py_rejects_a_bad_lora_before_sampling(mirage_flux, tmp_path):
         sample.main([*args, "--lora", f"{bad}:0.5", "--lora", f"{bad.parent}/../{bad.parent.name}/{bad.name}:0.3"])
     assert sample.lora_spec("C:/loras/x.safetensors") == (Path("C:/loras/x.safetensors"), 1.0)
     assert sample.lora_spec("x.safetensors:-0.5") == (Path("x.safetensors"), -0.5)
+
+
+def test_a_prompts_file_rerun_with_a_lora_is_refused(mirage_flux, tmp_path):
+    """A resumed --prompts-file run keeps the images there: they must have been made with its LoRAs."""
+    lora_path = tmp_path / "style.safetensors"
+    save_file(state_dict_of(transformer_lora(mirage_flux), "trainer"), lora_path)
+    (tmp_path / "p.txt").write_text("a fox\n", encoding="utf-8")
+    run = ["--weights", str(mirage_flux), "--prompts-file", str(tmp_path / "p.txt"), "--outdir", str(tmp_path / "out"),
+           "--steps", "1", "--height", "64", "--width", "64", "--no-binning", "--device", "cpu"]  # fmt: skip
+    sample.main(run)
+    with pytest.raises(ValueError, match="00000-a-fox.png was made with lora"):
+        sample.main([*run, "--lora", f"{lora_path}:0.5"])
