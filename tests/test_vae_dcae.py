@@ -4,6 +4,7 @@ Parity bound: max |ours - ref| <= 2e-5 x max(1, max |ref|).
 """
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -182,6 +183,13 @@ def test_published_configs():
     assert (DCAE_SANA_1_1.scaling_factor, DCAE_SANA_1_1.shift_factor) == (0.41407, 0.0)
     for config in (DCAE_SANA_1_1, *(DCAEConfig.from_diffusers(c) for c in TINY_CONFIGS.values())):
         assert DCAEConfig(**dataclasses.asdict(config)) == config
+
+
+def test_keys_left_out_take_diffusers_defaults():
+    """A config.json without upsample_block_type builds what AutoencoderDC would: its default, not sana's."""
+    defaults = inspect.signature(AutoencoderDC.__init__).parameters
+    sparse = {k: v for k, v in SANA_1_0_JSON.items() if k != "upsample_block_type"}
+    assert DCAEConfig.from_diffusers(sparse).upsample_block_type == defaults["upsample_block_type"].default
 
 
 def test_full_size_keys_shapes_and_parameter_count():
