@@ -207,6 +207,19 @@ def test_alpha_pattern_keys_are_peft_layer_names_and_the_first_match_wins(pair, 
     assert alphas == {layer: 3 if "gate_proj" in layer else 5 if layer.startswith("blocks.0.") else 8 for layer in lora}
 
 
+def test_a_files_own_alphas_win_over_its_lora_config(pair, tmp_path):
+    """The LoraConfig gives the alphas of the layers whose file holds none; an `.alpha` tensor stays that layer's alpha.
+    (diffusers refuses a file with both.)"""
+    ours, _, _, _ = copy.deepcopy(pair)
+    lora = random_lora(targets(ours, "img_qkv_proj", "gate_proj"), 4, seed=15)  # alphas 6 and 2, none every third
+    path = tmp_path / "lora.safetensors"
+    save_file(state_dict_of(lora, "peft"), path, metadata={"lora_adapter_metadata": json.dumps({"lora_alpha": 8})})
+    load_lora(ours, path)
+    alphas = {layer: ours.get_submodule(layer).loras[0].alpha for layer in lora}
+    assert alphas == {layer: 8 if alpha is None else alpha for layer, (_, _, alpha) in lora.items()}
+    assert len(set(alphas.values())) == 3
+
+
 @torch.no_grad()
 def test_scale_changes_without_reloading(pair):
     ours, ref, x, base = copy.deepcopy(pair)
@@ -232,9 +245,13 @@ def test_two_stacked_loras(pair, fuse):
     lora_b = random_lora(targets(ours, "proj", "modulation", "final_layer"), 16, seed=2)
     add_lora(ours, state_dict_of(lora_a, "kohya"), 0.7, name="a")
     add_lora(ours, state_dict_of(lora_b, "trainer"), -0.4, name="b")
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
     for name in fuse:
         fuse_lora(ours, name)
     assert lora_names(ours) == ["a", "b"]
+    fused_layers = {layer for name in fuse for layer in {"a": lora_a, "b": lora_b}[name]}
+    for layer in targets(ours):  # fusing one LoRA leaves the layers only the other one changes as they were
+        assert torch.equal(ours.get_submodule(layer).weight, before[f"{layer}.weight"]) == (layer not in fused_layers)
     apply_to_reference(ref, lora_a, 0.7)
     apply_to_reference(ref, lora_b, -0.4)
     assert_parity(run(ours, x), ref_forward(ref, *x))
@@ -305,6 +322,24 @@ def test_unloading_after_a_dtype_change_keeps_the_models_dtype(pair):
     assert torch.isfinite(run(ours, x)).all()
 
 
+@torch.no_grad()
+def test_a_lora_fused_after_another_was_unloaded_starts_from_the_current_weights(pair):
+    """Once nothing on a layer is fused, its weight is the model's own again: a LoRA fused later (here after a dtype
+    change) merges into the weight as it is then, as if the unloaded LoRA had never been loaded."""
+    ours, _, _, _ = copy.deepcopy(pair)
+    only_b = copy.deepcopy(ours)
+    lora_a, lora_b = (random_lora(targets(ours, "blocks.0"), 4, seed=seed) for seed in (16, 17))
+    add_lora(ours, state_dict_of(lora_a, "peft"), 0.9, name="a")
+    add_lora(ours, state_dict_of(lora_b, "peft"), 0.6, name="b")
+    fuse_lora(ours, "a")
+    unload_lora(ours, "a")  # "b" stays, unfused
+    add_lora(only_b, state_dict_of(lora_b, "peft"), 0.6, name="b")
+    for model in (ours, only_b):
+        model.to(torch.bfloat16)
+        fuse_lora(model, "b")
+    assert all(torch.equal(v, only_b.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
 def test_lora_tensors_follow_the_model():
     ours, _ = make_pair(EXTRAS_TINY)
     add_lora(ours, state_dict_of(random_lora(targets(ours), 4, seed=6), "peft"), 1.0, name="moving")
@@ -352,7 +387,7 @@ def bad_inputs(good: dict[str, torch.Tensor]):
         ("nan", {**good, f"{Q}.lora_B.weight": torch.full_like(b, float("nan"))}, f"{Q}.lora_B.weight"),
         ("integer", {**good, f"{Q}.lora_A.weight": a.int()}, f"{Q}.lora_A.weight"),
         ("fp8", {**good, f"{Q}.lora_A.weight": a.to(torch.float8_e4m3fn)}, f"{Q}.lora_A.weight"),
-        ("text-encoder", {**good, "text_encoder.layers.0.q_proj.lora_A.weight": a}, "text_encoder.layers.0.q_proj"),
+        ("text-encoder", {**good, "text_encoder.layers.0.q_proj.lora_A.weight": a}, "A.weight is for a text encoder"),
         ("two-spellings", {**good, "blocks.0.img_qkv_proj.lora_A.weight": a}, "blocks.0.img_qkv_proj.lora_A.weight"),
         ("empty", {}, "no tensors"),
     ]
@@ -376,6 +411,7 @@ def test_bad_input_raises_one_line_naming_the_key_and_changes_nothing(pair):
     for bad_call, words in [
         (lambda: add_lora(ours, good, 1.0, name="fused"), "already loaded"),
         (lambda: add_lora(ours, good, float("nan"), name="nan"), "finite"),
+        (lambda: set_lora_scale(ours, "fused", float("inf")), "finite"),
         (lambda: set_lora_scale(ours, "nothing", 1.0), "nothing"),
         (lambda: fuse_lora(ours, "nothing"), "nothing"),
         (lambda: unload_lora(ours, "nothing"), "nothing"),
