@@ -169,6 +169,19 @@ def test_reference_checkpoint_folder_loads_strictly(tmp_path):
         build_model(lambda: MirageTransformer(config), state_dict)
 
 
+def test_a_state_dict_that_does_not_fit_names_five_keys_of_each_kind_with_their_count():
+    with torch.device("meta"):
+        state_dict = MirageTransformer(EXTRAS_TINY).state_dict()
+    missing, unexpected = sorted(state_dict)[:5], [f"extra.{i}" for i in range(6)]
+    state_dict = {k: v for k, v in state_dict.items() if k not in missing} | {k: torch.zeros(1) for k in unexpected}
+    with pytest.raises(CheckpointError) as err:
+        build_model(lambda: MirageTransformer(EXTRAS_TINY), state_dict, source="a.safetensors")
+    assert str(err.value) == (
+        f"a.safetensors does not fit the MirageTransformer config: missing keys: {', '.join(missing)} (5 in all); "
+        f"unexpected keys: {', '.join(unexpected[:5])} ... (6 in all)"
+    )
+
+
 def test_norms_match_reference_where_eps_matters():
     ours, ref = make_pair(FLUX_TINY, seed=3)
     assert assert_norms_match(ours, ref) == 3 * FLUX_TINY.depth  # q, k and text-key norms of every block
