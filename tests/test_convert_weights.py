@@ -512,11 +512,13 @@ def test_original_codebase_mlp_width_survives_the_ratio():
 
 
 def test_two_digit_block_indices_are_renamed_too():
-    """The published transformers have more than ten blocks (the tiny test one has two)."""
+    """The published transformers have more than ten blocks (the tiny test one has two); the norms' weights are
+    spelled `scale` in some versions of the training codebase and `weight` in others."""
     for index in (9, 10, 23):
         for name in ORIGINAL_NAMES:
             key = f"blocks.{index}.{name}"
             assert rename_original_key(to_original_name(key)) == key
+            assert rename_original_key(to_original_name(key).replace(".scale", ".weight")) == key
 
 
 # ---- whatever stops a conversion, OUT is whole ----------------------------------------------------
