@@ -239,7 +239,7 @@ def test_scale_changes_without_reloading(pair):
 @pytest.mark.parametrize("fuse", [(), ("a",), ("b",), ("a", "b")], ids=["unfused", "a-fused", "b-fused", "fused"])
 @torch.no_grad()
 def test_two_stacked_loras(pair, fuse):
-    ours, ref, x, _ = copy.deepcopy(pair)
+    ours, ref, x, base = copy.deepcopy(pair)
     # Overlapping targets (the attention projections), different formats, ranks and scales.
     lora_a = random_lora(targets(ours, "attention", "_in", "embedder"), 4, seed=1)
     lora_b = random_lora(targets(ours, "proj", "modulation", "final_layer"), 16, seed=2)
@@ -255,6 +255,9 @@ def test_two_stacked_loras(pair, fuse):
     apply_to_reference(ref, lora_a, 0.7)
     apply_to_reference(ref, lora_b, -0.4)
     assert_parity(run(ours, x), ref_forward(ref, *x))
+    unload_lora(ours)  # both at once, from the layers both change too
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    assert lora_names(ours) == [] and torch.equal(run(ours, x), base)
 
 
 @torch.no_grad()
