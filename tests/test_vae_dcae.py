@@ -235,8 +235,9 @@ def test_half_precision_runs_close_to_fp32(dtype):
 
 def test_encode_rejects_sizes_off_the_grid():
     model = DCAE(DCAEConfig.from_diffusers(TINY_CONFIGS["sana-1.0"]))
-    with pytest.raises(ValueError, match="multiples of 8"):
-        model.encode(torch.zeros(1, 3, 32, 36))
+    for size in [(32, 36), (36, 32)]:
+        with pytest.raises(ValueError, match="multiples of 8"):
+            model.encode(torch.zeros(1, 3, *size))
 
 
 @pytest.mark.parametrize(
