@@ -189,8 +189,12 @@ def test_lora_configs_that_cannot_be_used(pair, tmp_path):
     # whose alphas are then the ranks (not PEFT's default 8, which the text encoder's config would give).
     save_file(state, path, metadata={"lora_adapter_metadata": json.dumps({"text_encoder.r": 4, "text_encoder.lora_alpha": 4})})
     load_lora(ours, path, name="rank")
+    # PEFT's adapter_config.json is adapter_model.safetensors' config, not that of any other file beside it.
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 16}))
+    save_file(state, path)
+    load_lora(ours, path, name="beside")
     assert {u.alpha for layer in ours.modules() if hasattr(layer, "loras") for u in layer.loras} == {4.0}
-    assert lora_names(ours) == ["rank"]
+    assert lora_names(ours) == ["beside", "rank"]
 
 
 def test_alpha_pattern_keys_are_peft_layer_names_and_the_first_match_wins(pair, tmp_path):
