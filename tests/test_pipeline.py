@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from mirage import pipeline, precision
 from mirage.loading import CheckpointError
 from mirage.pipeline import MiragePipeline, check_device, check_finite, nearest_bin, resize_and_crop
+import tiny_checkpoint
 from parity import max_rel_err
 
 IMAGE_TOL = 2e-5  # max |ours - ref| on images in [0, 1] (measured: 1.6e-6)
@@ -54,6 +55,26 @@ def reference(pipe, prompt, seed=0, **kwargs):
 
 def ours(pipe, prompt, seed=0, **kwargs):
     return pipe(prompt, seed=seed, num_inference_steps=2, progress=False, **kwargs)
+
+
+def constant_tensors(model: torch.nn.Module) -> list[str]:
+    """Floating parameters and buffers holding one value throughout (RoPE's inv_freq is a table, not a weight)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors if t.is_floating_point() and t.numel() > 1 and "inv_freq" not in name
+            and bool((t == t.flatten()[0]).all())]  # fmt: skip
+
+
+def test_the_oracles_have_no_weight_left_as_initialised(monkeypatch):
+    """diffusers and transformers start modulations at zero and norm scales at ones or zeros, where a bug on our side
+    would not show: every tiny model the parity tests compare with has all of its weights drawn."""
+    builders = [lambda: tiny_checkpoint.tiny_text_encoder(100)]
+    builders += [lambda v=v: tiny_checkpoint.tiny_transformer(v) for v in ("flux", "dc-ae")]
+    builders += [lambda v=v: tiny_checkpoint.tiny_vae(v) for v in ("flux", "dc-ae")]
+    for build in builders:
+        assert constant_tensors(build()) == []
+    monkeypatch.setattr(tiny_checkpoint, "randomize_", lambda model, seed: model)  # as the libraries initialise
+    left = constant_tensors(tiny_checkpoint.tiny_transformer("flux"))
+    assert {"blocks.0.modulation.lin.weight", "blocks.0.attention.norm_q.weight"} <= set(left)
 
 
 @pytest.mark.parametrize("vae", ["flux", "dcae"])
