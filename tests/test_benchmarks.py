@@ -26,6 +26,11 @@ import profile_step  # noqa: E402
         (["--steps", "0"], "--steps, --repeats, --rounds, --timeout >= 1"),
         (["--timeout", "0"], "--steps, --repeats, --rounds, --timeout >= 1"),
         (["--guidance", "nan"], "need a finite --guidance > 1"),
+        (["--guidance", "1"], "need a finite --guidance > 1"),
+        (["--guidance", "inf"], "need a finite --guidance > 1"),
+        (["--rounds", "0"], "--steps, --repeats, --rounds, --timeout >= 1"),
+        (["--prompt-tokens", "1"], "--prompt-tokens must be in [2, 256] and --negative-tokens in [1, 256]"),
+        (["--negative-tokens", "0"], "--prompt-tokens must be in [2, 256] and --negative-tokens in [1, 256]"),
         (["--resolution", "100"], "--resolution must be a positive multiple of 16 with the flux VAE"),
         (["--resolution", "0"], "--resolution must be a positive multiple of 16"),
         (["--resolution", "-16"], "--resolution must be a positive multiple of 16"),
@@ -34,6 +39,7 @@ import profile_step  # noqa: E402
         (["--device", "cpu:0", "--cuda-graph"], "--cuda-graph needs --device cuda"),
         (["--offload", "model"], "--offload needs --device cuda"),
         (["--compile-reference", "--offload", "sequential"], "compiling does not combine with --offload sequential"),
+        (["--compile", "--offload", "sequential"], "compiling does not combine with --offload sequential"),
     ],
 )
 def test_bad_options_are_refused_by_the_parser(args, message, capsys):
@@ -156,6 +162,13 @@ def test_a_failed_worker_is_one_line(failure, message, tmp_path, monkeypatch):
         compare.run_worker(tmp_path, "reference", "text", 5, None)
 
 
+def test_cuda_graphs_do_not_combine_with_sequential_offload(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--device", "cuda", "--dtype", "fp32", "--cuda-graph", "--offload", "sequential"])
+    assert "--cuda-graph needs --device cuda and no --offload sequential" in capsys.readouterr().err
+
+
 def test_offload_needs_accelerate_for_the_reference(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(compare.importlib.util, "find_spec", lambda name: None)
@@ -211,10 +224,18 @@ def test_difference_compares_the_same_positions():
     assert compare.difference("text", ours, ref) == f"{0.5 / 11:.2g} rel"  # max |ref| at real tokens is 11
     ref["text_mask"] = torch.roll(ref_mask, 1, dims=1)
     assert compare.difference("text", ours, ref) == "the two sides tokenised differently"
+    ref["text_mask"] = ref_mask.clone()
+    ref["text_mask"][0, 4] = True  # a real token of the reference's left of ours' columns: ours lost it
+    assert compare.difference("text", ours, ref) == "the two sides tokenised differently"
     images = torch.zeros(1, 3, 2, 2)
     e2e = compare.difference("e2e", {"images": images + 0.25}, {"images": images})
     assert e2e == "0.25 max, 0.25 mean |px| in [0, 1]"
+    one_pixel = images.clone()
+    one_pixel[0, 0, 0, 0] = 0.6
+    assert compare.difference("e2e", {"images": one_pixel}, {"images": images}) == "0.6 max, 0.05 mean |px| in [0, 1]"
     assert compare.difference("vae", {"decoded": images + 1}, {"decoded": images - 3}) == "1.3 rel"  # 4 / max(1, 3)
+    small = compare.difference("vae", {"decoded": images + 0.5}, {"decoded": images + 0.25})
+    assert small == "0.25 rel"  # 0.25 / max(1, 0.25)
 
 
 def test_the_report_gives_ratios_speedups_and_the_projection(monkeypatch):
@@ -241,6 +262,41 @@ def test_the_report_gives_ratios_speedups_and_the_projection(monkeypatch):
     assert re.search(r"\nprojected: text \+ 28 steps \+ decode +67\.00 s +49\.30 s +0\.74 +1\.36x$", table)
 
 
+def test_the_cpu_column_is_the_ratio_of_cpu_times_and_the_dtype_note_names_changed_models():
+    outputs = {"text": torch.zeros(2, 3, 4), "text_mask": torch.ones(2, 3, dtype=torch.bool)}
+    ref = {"wall": {"text": 8.0}, "cpu": {"text": 4.0}, "outputs": outputs}
+    ours = {"wall": {"text": 2.0}, "cpu": {"text": 3.0}, "outputs": outputs}
+    (row,) = compare.part_rows("text", dict(device="cpu"), {}, ref, ours)
+    assert re.search(r" +8\.00 s +2\.00 s +0\.25 +4\.00x +0\.75  0 rel$", row)  # CPU: 3 / 4
+    results = {"ours": {"step": {"dtypes": {"transformer": "bfloat16"}}, "vae": {"dtypes": {"vae": "float32"}}}}
+    note = "note: ours ran vae in float32 (mirage.precision); the reference ran everything in bf16"
+    assert compare.dtype_note(dict(dtype="bf16"), results) == [note]
+    assert compare.dtype_note(dict(dtype="fp32"), {"ours": {"vae": {"dtypes": {"vae": "float32"}}}}) == []
+
+
+def test_no_projection_without_all_three_components():
+    part = {"wall": {"x": 1.0}}
+    results = {side: {"text": part, "step": part} for side in compare.SIDES}
+    assert compare.projection(dict(steps=28), results) == []
+
+
+def test_each_run_gets_a_folder_of_its_own(tmp_path, monkeypatch):
+    class Now(compare.datetime):  # two runs in the same second
+        @classmethod
+        def now(cls, tz=None):
+            return compare.datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(compare, "datetime", Now)
+    monkeypatch.setattr(compare, "ensure_checkpoint", lambda cache, vae: (tmp_path / "prx", tmp_path / "mirage"))
+    monkeypatch.setattr(compare, "make_inputs", lambda settings, prompt, negative: {})
+    monkeypatch.setattr(compare, "run_worker", lambda *args: {})
+    monkeypatch.setattr(compare, "report", lambda *args: "table")
+    for _ in range(2):
+        compare.main(["--cache", str(tmp_path), "--parts", "step", "--dtype", "fp32"])
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((run / "report.txt").read_text() == "table\n" for run in runs)
+
+
 def test_the_timer_keeps_each_parts_best_time():
     def busy(seconds):  # CPU time and wall time
         end = time.perf_counter() + seconds
@@ -252,6 +308,37 @@ def test_the_timer_keeps_each_parts_best_time():
     timer = common.Timer(torch.device("cpu"), repeats=3)
     assert timer("part", lambda: busy(next(durations))) == "last"
     assert timer.wall["part"] < 0.03 and timer.cpu["part"] < 0.03
+    timer("sleep", lambda: time.sleep(0.05), 1)  # wall time without CPU time
+    assert timer.wall["sleep"] >= 0.05 and timer.cpu["sleep"] < 0.025
+
+
+def test_the_timer_synchronises_cuda_around_each_call_and_takes_a_repeats_override(monkeypatch):
+    log = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: log.append("sync"))
+    timer = common.Timer(torch.device("cuda"), repeats=3)
+    timer("part", lambda: log.append("call"), 2)  # queued kernels are timed with the call that launched them
+    assert log == ["sync", "call", "sync"] * 2
+    log.clear()
+    timer("part", lambda: log.append("call"))
+    assert log.count("call") == 3
+
+
+def test_e2e_loads_once_and_on_cuda_times_warm_generations(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    for device, generations in (("cpu", 1), ("cuda", 1 + 3)):
+        calls = []
+        timer = common.Timer(torch.device(device), repeats=3)
+        load = lambda: calls.append("load") or "pipe"  # noqa: E731
+        generate = lambda pipe: calls.append(pipe) or "images"  # noqa: E731
+        assert compare.time_e2e({"device": torch.device(device)}, timer, load, generate) == {"images": "images"}
+        assert calls.count("load") == 1 and calls.count("pipe") == generations
+        assert ("generate" in timer.wall) == (device == "cuda")
+
+
+def test_peak_memory_on_cuda_is_the_peak_allocated(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 7e9)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 9e9)  # the report's other row
+    assert common.peak_memory(torch.device("cuda")) == 7e9
 
 
 def test_left_padded_masks_mark_the_last_tokens_of_each_row():
@@ -273,14 +360,14 @@ def test_peak_memory_is_this_process_peak():
 
 
 def test_rounds_merge_into_the_best_times_and_the_highest_peak(tmp_path, monkeypatch):
-    rounds = iter([({"step": 2.0}, 5e9), ({"step": 1.0}, 3e9)])
+    rounds = iter([({"step": 2.0}, {"step": 0.5}, 5e9), ({"step": 1.0}, {"step": 1.5}, 3e9)])
 
     def run(cmd, **kwargs):  # what a worker writes
-        wall, peak = next(rounds)
-        (tmp_path / "ours-step.json").write_text(compare.json.dumps({"wall": wall, "cpu": wall, "peak_memory": peak}))
+        wall, cpu, peak = next(rounds)
+        (tmp_path / "ours-step.json").write_text(compare.json.dumps({"wall": wall, "cpu": cpu, "peak_memory": peak}))
         torch.save({}, tmp_path / "ours-step.pt")
 
     monkeypatch.setattr(subprocess, "run", run)
     first = compare.run_worker(tmp_path, "ours", "step", 5, None)
     merged = compare.run_worker(tmp_path, "ours", "step", 5, first)
-    assert merged["wall"] == {"step": 1.0} and merged["peak_memory"] == 5e9
+    assert merged["wall"] == {"step": 1.0} and merged["cpu"] == {"step": 0.5} and merged["peak_memory"] == 5e9
