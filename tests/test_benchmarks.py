@@ -12,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import checkpoint  # noqa: E402
 import common  # noqa: E402
 import compare  # noqa: E402
 import denoise_loop  # noqa: E402
@@ -371,3 +372,41 @@ def test_rounds_merge_into_the_best_times_and_the_highest_peak(tmp_path, monkeyp
     first = compare.run_worker(tmp_path, "ours", "step", 5, None)
     merged = compare.run_worker(tmp_path, "ours", "step", 5, first)
     assert merged["wall"] == {"step": 1.0} and merged["cpu"] == {"step": 0.5} and merged["peak_memory"] == 5e9
+
+
+# ---- the full-size checkpoint (never built here) -------------------------------------------------------------
+
+
+def test_the_full_size_checkpoint_has_the_published_hyper_parameters():
+    from mirage.configs import PRX_DCAE, PRX_FLUX, DCAEConfig, FluxVAEConfig, TransformerConfig
+
+    assert FluxVAEConfig.from_diffusers(dict(checkpoint.FLUX_VAE)) == FluxVAEConfig()  # FLUX.1-dev's vae/
+    assert DCAEConfig.from_diffusers(dict(checkpoint.DC_AE)) == DCAEConfig()  # dc-ae-f32c32-sana-1.1
+    for vae, preset in (("flux", PRX_FLUX), ("dc-ae", PRX_DCAE)):
+        assert TransformerConfig.from_diffusers(checkpoint.transformer_config(vae)) == preset
+
+
+def test_random_weights_keep_activations_at_unit_scale():
+    default = torch.get_default_dtype()
+    linear = checkpoint.random_bf16(lambda: torch.nn.Linear(1024, 256), seed=0)
+    assert torch.get_default_dtype() == default  # bf16 only while building
+    assert linear.weight.dtype == torch.bfloat16 and linear.weight.device.type == "cpu"
+    assert abs(linear.weight.float().std().item() * 1024**0.5 - 1) < 0.05  # N(0, 1 / fan_in)
+    assert abs(linear.bias.float().std().item() - 0.5) < 0.1
+
+
+def test_an_interrupted_conversion_is_converted_again(tmp_path, monkeypatch):
+    converted = []
+    monkeypatch.setattr(checkpoint, "save_text_encoder", lambda folder: pytest.fail("the encoder is there"))
+    monkeypatch.setattr(checkpoint, "build_prx", lambda *args: pytest.fail("the PRX folder is there"))
+    monkeypatch.setitem(sys.modules, "convert_weights", type(sys)("convert_weights"))
+    sys.modules["convert_weights"].main = converted.append
+    for folder, marker in (("t5gemma-2b-encoder", "config.json"), ("prx-flux", "model_index.json")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / marker).write_text("{}")
+    (tmp_path / "mirage-flux").mkdir()  # a conversion that stopped before writing config.json
+    assert checkpoint.ensure_checkpoint(tmp_path, "flux") == (tmp_path / "prx-flux", tmp_path / "mirage-flux")
+    assert converted == [[str(tmp_path / "prx-flux"), str(tmp_path / "mirage-flux"), "--force"]]
+    (tmp_path / "mirage-flux" / "config.json").write_text("{}")
+    checkpoint.ensure_checkpoint(tmp_path, "flux")
+    assert len(converted) == 1
