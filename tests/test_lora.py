@@ -6,6 +6,7 @@ scales, stacking, bit-exact unloading, bad files that change nothing, half preci
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,10 @@ from torch import nn
 
 import sample
 from mirage.loading import read_safetensors
-from mirage.lora import LoRAError, add_lora, fuse_lora, load_lora, lora_names, set_lora_scale, unload_lora
+from mirage.lora import (
+    PEFT_PREFIXES, LoRAError, add_lora, fuse_lora, load_lora, lora_names, set_lora_scale, unload_lora,
+    with_config_alphas,
+)  # fmt: skip
 from mirage.pipeline import MiragePipeline
 from parity import assert_parity, max_rel_err
 from tests.test_transformer import EXTRAS_TINY, inputs, make_pair, ref_forward
@@ -211,6 +215,16 @@ def test_alpha_pattern_keys_are_peft_layer_names_and_the_first_match_wins(pair, 
     assert alphas == {layer: 3 if "gate_proj" in layer else 5 if layer.startswith("blocks.0.") else 8 for layer in lora}
 
 
+def test_alpha_pattern_keys_match_the_layer_names_without_the_files_prefix():
+    """PEFT matches alpha_pattern against the model's module names: "transformer.", "diffusion_model." and
+    "base_model.model." are the file's, so a key that needs them matches no layer."""
+    for prefix in PEFT_PREFIXES:
+        state = {f"{prefix}blocks.0.gate_proj.lora_A.weight": torch.ones(4, 8)}
+        config = {"lora_alpha": 8, "alpha_pattern": {re.escape(prefix) + r"blocks\..*": 2}}
+        alphas = with_config_alphas(state, config)
+        assert alphas[f"{prefix}blocks.0.gate_proj.alpha"].item() == 8, prefix
+
+
 def test_a_files_own_alphas_win_over_its_lora_config(pair, tmp_path):
     """The LoraConfig gives the alphas of the layers whose file holds none; an `.alpha` tensor stays that layer's alpha.
     (diffusers refuses a file with both.)"""
@@ -370,6 +384,7 @@ def test_blocks_compiled_before_the_lora_see_it(pair):
 # ---- bad input -----------------------------------------------------------------------------------------------------
 
 Q = "blocks.0.attention.img_qkv_proj"
+KOHYA_TE = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"  # kohya's text-encoder spelling
 
 
 def bad_inputs(good: dict[str, torch.Tensor]):
@@ -395,6 +410,7 @@ def bad_inputs(good: dict[str, torch.Tensor]):
         ("integer", {**good, f"{Q}.lora_A.weight": a.int()}, f"{Q}.lora_A.weight"),
         ("fp8", {**good, f"{Q}.lora_A.weight": a.to(torch.float8_e4m3fn)}, f"{Q}.lora_A.weight"),
         ("text-encoder", {**good, "text_encoder.layers.0.q_proj.lora_A.weight": a}, "A.weight is for a text encoder"),
+        ("kohya-text-encoder", {**good, f"{KOHYA_TE}.lora_down.weight": a}, f"{KOHYA_TE}.lora_down.weight is for a"),
         ("two-spellings", {**good, "blocks.0.img_qkv_proj.lora_A.weight": a}, "blocks.0.img_qkv_proj.lora_A.weight"),
         ("empty", {}, "no tensors"),
     ]
