@@ -182,6 +182,13 @@ def test_a_state_dict_that_does_not_fit_names_five_keys_of_each_kind_with_their_
     )
 
 
+def test_build_model_casts_floating_tensors_only():
+    state_dict = torch.nn.BatchNorm1d(4).state_dict()  # num_batches_tracked: int64
+    model = build_model(lambda: torch.nn.BatchNorm1d(4), state_dict, dtype=torch.bfloat16)
+    assert model.weight.dtype == model.running_var.dtype == torch.bfloat16
+    assert model.num_batches_tracked.dtype == torch.int64
+
+
 def test_norms_match_reference_where_eps_matters():
     ours, ref = make_pair(FLUX_TINY, seed=3)
     assert assert_norms_match(ours, ref) == 3 * FLUX_TINY.depth  # q, k and text-key norms of every block
