@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -399,8 +400,7 @@ def test_an_interrupted_conversion_is_converted_again(tmp_path, monkeypatch):
     converted = []
     monkeypatch.setattr(checkpoint, "save_text_encoder", lambda folder: pytest.fail("the encoder is there"))
     monkeypatch.setattr(checkpoint, "build_prx", lambda *args: pytest.fail("the PRX folder is there"))
-    monkeypatch.setitem(sys.modules, "convert_weights", type(sys)("convert_weights"))
-    sys.modules["convert_weights"].main = converted.append
+    monkeypatch.setitem(sys.modules, "convert_weights", SimpleNamespace(main=converted.append))  # what it imports
     for folder, marker in (("t5gemma-2b-encoder", "config.json"), ("prx-flux", "model_index.json")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / marker).write_text("{}")
