@@ -486,17 +486,19 @@ def seconds(t: float) -> str:
 
 
 def step_flops(settings: dict, inputs: dict) -> float:
-    """The model FLOPs of one CFG step (batch 2): the linear layers on the image tokens and the attention of
-    image queries over image and prompt keys; what a step must compute, whichever way it is computed."""
+    """The model FLOPs of one CFG step: the linear layers on both rows' image tokens and the attention of each
+    row's image queries over its image keys and its own prompt's tokens (not padding); what a step must compute,
+    whichever way it is computed."""
     from mirage.loading import read_config
 
     mirage = read_config(settings["mirage"])
     config = mirage.transformer
     tokens = (settings["resolution"] // (mirage.vae.spatial_compression * config.patch_size)) ** 2
-    keys = tokens + inputs["prompt_tokens"]
     d, d_mlp = config.hidden_size, config.mlp_hidden_size
-    macs_per_token = 4 * d * d + 3 * d * d_mlp + 2 * keys * d  # qkv + out, gate + up + down, QK^T and PV
-    return 2 * 2 * config.depth * tokens * macs_per_token
+    linear_macs = 4 * d * d + 3 * d * d_mlp  # a token's qkv + out, gate + up + down
+    keys = (tokens + inputs["prompt_tokens"], tokens + inputs["negative_tokens"])  # the cond and uncond rows
+    macs = sum(tokens * (linear_macs + 2 * row_keys * d) for row_keys in keys)  # + QK^T and PV
+    return 2 * config.depth * macs
 
 
 def parse_args(argv=None) -> argparse.Namespace:

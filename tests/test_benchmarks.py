@@ -276,6 +276,31 @@ def test_the_cpu_column_is_the_ratio_of_cpu_times_and_the_dtype_note_names_chang
     assert compare.dtype_note(dict(dtype="fp32"), {"ours": {"vae": {"dtypes": {"vae": "float32"}}}}) == []
 
 
+@pytest.mark.parametrize("vae", ["flux", "dc-ae"])
+def test_the_step_flops_are_what_torch_counts_in_the_blocks(vae, request):
+    """The TFLOP/s row's count equals torch's own count of the blocks' matmuls, each CFG row run by itself over
+    its own prompt (math attention, whose matmuls torch counts): patch size, both rows and their lengths."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mirage.pipeline import MiragePipeline
+
+    folder = request.getfixturevalue("mirage_flux" if vae == "flux" else "mirage_dcae")
+    pipe = MiragePipeline.from_pretrained(folder, "cpu", torch.float32)
+    transformer, config = pipe.transformer, pipe.config.transformer
+    side = 64 // pipe.config.vae.spatial_compression  # a 64 px image's latents
+    latents = torch.randn(1, config.in_channels, side, side)
+    mod = transformer.modulate(torch.tensor([0.5]), *latents.shape[-2:])
+    counted = 0
+    for length in (7, 3):  # the prompt's tokens, the negative prompt's
+        text = transformer.encode_text(torch.randn(1, length, config.context_in_dim))
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            transformer.forward_modulated(latents, mod, text)
+        counted += sum(counter.get_flop_counts()["Block"].values())
+    settings, inputs = {"mirage": folder, "resolution": 64}, {"prompt_tokens": 7, "negative_tokens": 3}
+    assert compare.step_flops(settings, inputs) == counted
+
+
 def test_no_projection_without_all_three_components():
     part = {"wall": {"x": 1.0}}
     results = {side: {"text": part, "step": part} for side in compare.SIDES}
