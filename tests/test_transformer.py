@@ -152,6 +152,25 @@ def test_full_preset_matches_reference_keys_shapes_and_size(config):
     assert 1.16e9 < n_params < 1.18e9  # "1.3B" on the model cards is rounded
 
 
+def test_presets_are_the_published_hyper_parameters():
+    """The published transformer is PRXTransformer2DModel's default one (hidden 1792, 28 heads of 64, depth 16, MLP
+    6272, text width 2304, RoPE axes [32, 32] with theta 10000, sigma x 1000): the parameter count alone cannot tell
+    28 heads of 64 from 14 of 128."""
+    with torch.device("meta"):
+        ref = PRXTransformer2DModel()  # its defaults, axes_dim [32, 32] included (its config stores None)
+    config = PRX_FLUX
+    assert (config.in_channels, config.patch_size) == (ref.in_channels, ref.patch_size) == (16, 2)
+    assert (config.hidden_size, config.num_heads) == (ref.hidden_size, ref.num_heads) == (1792, 28)
+    assert config.head_dim == 64
+    assert config.depth == len(ref.blocks) == 16 and config.context_in_dim == ref.txt_in.in_features == 2304
+    assert int(config.hidden_size * config.mlp_ratio) == ref.blocks[0].gate_proj.out_features == 6272
+    assert config.axes_dim == tuple(ref.pe_embedder.axes_dim) == (32, 32)
+    assert config.theta == ref.pe_embedder.theta == 10000
+    assert (config.time_factor, config.time_max_period) == (ref.time_factor, ref.time_max_period) == (1000.0, 10000)
+    assert (config.bottleneck_size, config.resolution_embeds) == (None, False)
+    assert PRX_DCAE == replace(PRX_FLUX, in_channels=32, patch_size=1)
+
+
 @torch.no_grad()
 def test_reference_checkpoint_folder_loads_strictly(tmp_path):
     _, ref = make_pair(EXTRAS_TINY, seed=5)
