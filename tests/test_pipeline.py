@@ -102,6 +102,23 @@ def test_non_square_request_with_binning(ref_flux, ours_flux):
     assert latents.shape == (1, 16, 192 // 8, 320 // 8)  # latents stay at the binned size
 
 
+def test_bins_are_the_references_at_every_sample_size():
+    """The 256, 512 and 1024 px tables (only 256 is generated with above) and the choice of bin equal PRXPipeline's."""
+    from diffusers.image_processor import PixArtImageProcessor
+    from diffusers.pipelines.prx.pipeline_prx import ASPECT_RATIO_BINS as REFERENCE_BINS
+
+    assert sorted(pipeline.ASPECT_RATIO_BINS) == sorted(REFERENCE_BINS) == [256, 512, 1024]
+    for size, bins in REFERENCE_BINS.items():
+        assert pipeline.ASPECT_RATIO_BINS[size] == {float(ratio): tuple(hw) for ratio, hw in bins.items()}, size
+        # every bin, the midpoints between neighbours (ties: the first), and requests beyond both ends
+        ratios = sorted(map(float, bins))
+        requests = [(round(1000 * r), 1000) for r in ratios] + [(1, 4000), (4000, 1), (500, 900), (900, 500)]
+        requests += [(round(10000 * (a + b) / 2), 10000) for a, b in zip(ratios, ratios[1:])]
+        for height, width in requests:
+            expected = tuple(PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bins))
+            assert nearest_bin(height, width, size) == expected, (size, height, width)
+
+
 def realign_masks(pipe, num_images_per_prompt):
     """Patch diffusers' encode_prompt so masks follow the embeddings ([m0, m0, m1, m1], not [m0, m1, m0, m1])."""
     original = pipe.encode_prompt
