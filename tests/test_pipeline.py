@@ -181,6 +181,25 @@ def test_encode_prompts_matches_reference_encode_prompt(ref_flux, ours_flux):
     assert max_rel_err(embeds[mask], expected[expected_mask]) <= 2e-5
 
 
+def test_skip_text_cleaning_is_the_references_light_cleaning(ref_flux, ours_flux):
+    """skip_text_cleaning=True tokenises the prompts after ftfy and HTML unescaping only, as diffusers does: in
+    encode_prompts and through a whole call."""
+    prompts = ["A <b>Photo</b> of HTTPS://example.com &amp;amp; a CAT", "  IMG_1234.JPG, ***SALE*** @shop  "]
+    ref_embeds, ref_mask, _, _ = ref_flux.encode_prompt(
+        prompts, torch.device("cpu"), do_classifier_free_guidance=False, skip_text_cleaning=True
+    )
+    embeds, mask = ours_flux.encode_prompts(prompts, skip_text_cleaning=True)
+    assert mask.sum().item() == ref_mask.sum().item() > ours_flux.encode_prompts(prompts)[1].sum().item()
+    expected_mask = ref_mask[:, -mask.shape[1] :]  # left padding: real tokens at the end
+    assert torch.equal(mask, expected_mask)
+    assert max_rel_err(embeds[mask], ref_embeds[:, -mask.shape[1] :][expected_mask]) <= 2e-5
+    kwargs = dict(guidance_scale=4.0, negative_prompt="&lt;Ugly&gt;", output_type="latent")
+    expected = reference(ref_flux, prompts[0], skip_text_cleaning=True, **kwargs)
+    latents = ours(ours_flux, prompts[0], skip_text_cleaning=True, **kwargs)
+    assert max_rel_err(latents, expected) <= LATENT_TOL
+    assert max_rel_err(ours(ours_flux, prompts[0], **kwargs), expected) > 10 * LATENT_TOL  # the cleaning shows
+
+
 def test_output_types(ours_flux):
     pil = ours(ours_flux, PROMPTS[0], guidance_scale=1.0)
     array = ours(ours_flux, PROMPTS[0], guidance_scale=1.0, output_type="np")
