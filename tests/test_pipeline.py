@@ -1,6 +1,7 @@
 """End-to-end parity: a converted tiny checkpoint through MiragePipeline makes the same images as
 diffusers' PRXPipeline on the original folder, for the same seed, and is right where diffusers is wrong."""
 
+import dataclasses
 import json
 import logging
 import re
@@ -226,10 +227,24 @@ def test_seed_latents_and_generator_agree(ours_flux):
         assert torch.equal(ours(ours_flux, PROMPTS[0], seed=integer_like, guidance_scale=1.0, output_type="latent"), by_seed)
 
 
-def test_defaults_come_from_the_checkpoint(ours_flux):
+def test_defaults_come_from_the_checkpoint(ours_flux, monkeypatch):
+    """Unset steps and guidance are the checkpoint's: Photoroom's 28 and 5 (not PRXPipeline's 4), or a distilled
+    checkpoint's 8 without guidance, which makes no unconditional pass."""
+    guidance, rows, denoise = [], [], pipeline.denoise
+    monkeypatch.setattr(pipeline, "denoise", lambda *args, **kw: guidance.append(args[4]) or denoise(*args, **kw))
     steps = []
     ours_flux(PROMPTS[0], seed=0, output_type="latent", progress=False, callback=lambda i, *rest: steps.append(i))
     assert len(steps) == ours_flux.config.sampling.num_inference_steps == 28
+    assert guidance == [ours_flux.config.sampling.guidance_scale] == [5.0]
+
+    distilled = dataclasses.replace(ours_flux.config.sampling, num_inference_steps=8, guidance_scale=1.0)
+    monkeypatch.setattr(ours_flux, "config", dataclasses.replace(ours_flux.config, sampling=distilled))
+    forward = ours_flux.transformer.forward_modulated
+    record = lambda x, *args, **kw: rows.append(len(x)) or forward(x, *args, **kw)  # noqa: E731
+    monkeypatch.setattr(ours_flux.transformer, "forward_modulated", record)
+    steps.clear(), guidance.clear()
+    ours_flux(PROMPTS[0], seed=0, output_type="latent", progress=False, callback=lambda i, *rest: steps.append(i))
+    assert (len(steps), guidance, rows) == (8, [1.0], [1] * 8)
 
 
 def test_precomputed_embeddings_equal_the_prompt_path(ours_flux):
