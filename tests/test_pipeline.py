@@ -247,6 +247,14 @@ def test_defaults_come_from_the_checkpoint(ours_flux, monkeypatch):
     assert (len(steps), guidance, rows) == (8, [1.0], [1] * 8)
 
 
+def test_the_default_dtype_is_bf16_on_gpus_and_fp32_on_the_cpu(ours_flux):
+    """bf16 is what Photoroom recommends; on CPUs it is fast only with AMX, so fp32 there."""
+    for device, dtype in [("cuda", torch.bfloat16), ("cuda:1", torch.bfloat16), ("mps", torch.bfloat16),
+                          ("cpu", torch.float32)]:
+        assert pipeline.default_dtype(torch.device(device)) == dtype, device
+    assert ours_flux.dtype == torch.float32  # opened on the CPU without a dtype
+
+
 def test_precomputed_embeddings_equal_the_prompt_path(ours_flux):
     embeds, mask = ours_flux.encode_prompts(["", PROMPTS[0]])
     by_embeds = ours_flux(
