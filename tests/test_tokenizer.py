@@ -201,6 +201,13 @@ def test_right_padding_from_config(tmp_path, spm_model):
     assert_same_tokens(ref, ours, TEXTS[:5], padding="longest")
 
 
+def test_bos_from_config(tmp_path, spm_model):
+    """<bos> is prepended because PRX's tokenizer_config.json says so (add_bos_token): a folder saying not gets none."""
+    ref, ours = _with_config(tmp_path, spm_model, add_bos_token=False)
+    assert_same_tokens(ref, ours, TEXTS, max_length=10)  # truncation keeps 10 text tokens
+    assert ours(["a photo of a cat"], max_length=3)[0].tolist() == [ours.encode("a photo of a cat")[:3]]
+
+
 def test_eos_from_config(tmp_path, spm_model):
     ref, ours = _with_config(tmp_path, spm_model, add_eos_token=True)
     assert_same_tokens(ref, ours, TEXTS, max_length=10)  # truncation keeps <bos> + 8 + <eos>
