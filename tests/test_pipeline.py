@@ -242,7 +242,8 @@ def test_defaults_come_from_the_checkpoint(ours_flux, monkeypatch):
     forward = ours_flux.transformer.forward_modulated
     record = lambda x, *args, **kw: rows.append(len(x)) or forward(x, *args, **kw)  # noqa: E731
     monkeypatch.setattr(ours_flux.transformer, "forward_modulated", record)
-    steps.clear(), guidance.clear()
+    steps.clear()
+    guidance.clear()
     ours_flux(PROMPTS[0], seed=0, output_type="latent", progress=False, callback=lambda i, *rest: steps.append(i))
     assert (len(steps), guidance, rows) == (8, [1.0], [1] * 8)
 
