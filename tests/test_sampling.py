@@ -161,6 +161,25 @@ def test_half_precision_loop_is_finite_and_keeps_the_latent_dtype(dtype):
     assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_updates_are_computed_in_fp32_and_rounded_once(dtype):
+    """x + (sigma_next - sigma) v in fp32, then rounded to the latents' dtype: not (sigma_next - sigma) v rounded
+    first, as diffusers' scheduler does when v is half precision (its 0-d sigma tensor does not promote v)."""
+    ours, _ = make_pair(FLUX_TINY, seed=16)
+    embeds, masks = text_inputs(FLUX_TINY, batch=1, seed=17)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(18)).to(dtype)
+    calls = []
+    out = ours_loop(ours.to(dtype), latents, embeds.to(dtype), masks, 6, 4.0, callback=lambda *a: calls.append(a[1:]))
+    sigmas = flow_match_sigmas(6)
+    after = [x for _, x, _ in calls[1:]] + [out]
+    rounded_first = 0
+    for (sigma, x, v), sigma_next, x_next in zip(calls, sigmas[1:], after):
+        assert x_next.dtype == dtype and torch.equal(x_next, (x.float() + (sigma_next - sigma) * v.float()).to(dtype))
+        rounded_first += not torch.equal(x_next, (x.float() + (sigma_next - sigma) * v).to(dtype))
+    assert rounded_first > 0  # the two orders differ on these latents: the check above can tell them apart
+
+
 def test_text_rows_must_match_guidance():
     ours, _ = make_pair(FLUX_TINY)
     embeds, masks = text_inputs(FLUX_TINY, batch=1, seed=19)
