@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
@@ -329,6 +330,32 @@ def test_half_precision_merges_in_fp32(pair, dtype):
     assert torch.equal(ours.get_submodule(layer).weight, merged)
     unload_lora(ours)
     assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_unfused_half_precision_is_pefts_layer_bit_for_bit(pair, dtype):
+    """Unfused, a layer computes what PEFT's LoRA Linear computes once diffusers' `inject_adapter_in_model` has made
+    it (adapter weights in the layer's dtype; checked against PEFT 0.21.2 itself, which the tests do not install):
+    base(x) + lora_B(lora_A(x)) * scaling, one LoRA after the other in load order, each step rounded to the dtype.
+    Half-precision rounding tells any other order apart: the scale applied first or between the two products, the
+    update in fp32, the updates summed before the output, the LoRAs in the other order."""
+    ours, _, _, _ = copy.deepcopy(pair)
+    ours = ours.to(dtype)
+    layers = targets(ours, "img_qkv_proj", "gate_proj", "txt_in")
+    loras = [(random_lora(layers, 4, seed=18), 0.8, "kohya"), (random_lora(layers, 16, seed=19), -0.6, "peft")]
+    for i, (lora, scale, style) in enumerate(loras):
+        add_lora(ours, state_dict_of(lora, style), scale, name=f"lora{i}")
+    gen = torch.Generator().manual_seed(18)
+    for layer in layers:
+        linear = ours.get_submodule(layer)
+        x = torch.randn(2, 16, linear.in_features, generator=gen).to(dtype)
+        expected = F.linear(x, linear.weight, linear.bias)  # PEFT's base layer
+        for lora, scale, _ in loras:
+            down, up, alpha = lora[layer]
+            scaling = scale * (down.shape[0] if alpha is None else alpha) / down.shape[0]  # PEFT's set_scale
+            expected = expected + F.linear(F.linear(x, down.to(dtype)), up.to(dtype)) * scaling
+        assert torch.equal(linear(x), expected), layer
 
 
 @torch.no_grad()
