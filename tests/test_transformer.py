@@ -201,6 +201,32 @@ def test_a_state_dict_that_does_not_fit_names_five_keys_of_each_kind_with_their_
     )
 
 
+def test_a_state_dict_error_sorts_key_names_and_keeps_the_models_order_of_shapes():
+    """Missing and unexpected keys are listed sorted, whatever order the file holds them in; wrong shapes and
+    non-float tensors in the model's order; the kinds always in this order: missing, unexpected, wrong shapes, not
+    floating point."""
+    with torch.device("meta"):
+        expected = MirageTransformer(EXTRAS_TINY).state_dict()
+    keys = list(expected)
+    misshapen, missing, not_float = keys[-12::2], keys[1:3], keys[3]
+    assert misshapen[:5] != sorted(misshapen)[:5]  # the model's order is not the sorted one
+    unexpected = [f"extra.{i}" for i in (2, 0, 1)]
+    state_dict = {k: v for k, v in expected.items() if k not in missing}
+    for k in misshapen:
+        state_dict[k] = torch.empty(expected[k].shape[0] + 1, *expected[k].shape[1:], device="meta")
+    state_dict[not_float] = torch.empty(expected[not_float].shape, dtype=torch.int32, device="meta")
+    state_dict |= {k: torch.zeros(1) for k in unexpected}
+    shapes = [f"{k} {(expected[k].shape[0] + 1, *expected[k].shape[1:])} (expected {tuple(expected[k].shape)})"
+              for k in misshapen[:5]]  # fmt: skip
+    with pytest.raises(CheckpointError) as err:
+        build_model(lambda: MirageTransformer(EXTRAS_TINY), state_dict, source="b.safetensors")
+    assert str(err.value) == (
+        f"b.safetensors does not fit the MirageTransformer config: missing keys: {', '.join(sorted(missing))} "
+        f"(2 in all); unexpected keys: extra.0, extra.1, extra.2 (3 in all); wrong shapes: {', '.join(shapes)} ... "
+        f"(6 in all); not floating point: {not_float} (int32) (1 in all)"
+    )
+
+
 def test_build_model_casts_floating_tensors_only():
     state_dict = torch.nn.BatchNorm1d(4).state_dict()  # num_batches_tracked: int64
     model = build_model(lambda: torch.nn.BatchNorm1d(4), state_dict, dtype=torch.bfloat16)
