@@ -473,6 +473,26 @@ def test_bad_input_raises_one_line_naming_the_key_and_changes_nothing(pair):
     assert torch.equal(run(ours, x), base)
 
 
+@pytest.mark.parametrize(
+    "te_prefix", ["lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2."]
+)
+@pytest.mark.parametrize("style", ["kohya", "peft"])
+def test_every_text_encoder_spelling_is_refused_as_such(pair, te_prefix, style):
+    """A whole pipeline's LoRA: kohya names its text encoders lora_te_ (one), lora_te1_ / lora_te2_ (SDXL's two),
+    lora_te3_ (SD3's T5), diffusers text_encoder. and text_encoder_2.; whatever the transformer's keys look like, the
+    error says the file is for a text encoder and names its first such key, not a puzzling "unknown key"."""
+    ours, _, _, _ = copy.deepcopy(pair)
+    state = state_dict_of(random_lora(targets(ours, "gate_proj"), 4, seed=20), style)
+    diffusers = te_prefix.endswith(".")  # else kohya: the layer path with its dots written as underscores
+    sep, parts = (".", ("lora_A.weight", "lora_B.weight")) if diffusers else ("_", ("lora_down.weight", "alpha"))
+    te_keys = [f"{te_prefix}text_model{sep}encoder{sep}layers{sep}{i}{sep}self_attn{sep}q_proj.{part}"
+               for i in (1, 0) for part in parts]  # fmt: skip
+    with pytest.raises(LoRAError) as err:
+        add_lora(ours, {**state, **{k: torch.ones(4, 8) for k in te_keys}}, 1.0, name="pipeline")
+    assert f"{min(te_keys)} is for a text encoder" in str(err.value)
+    assert lora_names(ours) == []
+
+
 def test_bad_files(tmp_path):
     ours, _ = make_pair(EXTRAS_TINY)
     with pytest.raises(LoRAError, match="does not exist"):
