@@ -100,7 +100,14 @@ def test_from_diffusers_rejects_what_we_do_not_build(change):
 
 
 @pytest.mark.parametrize(
-    "change", [{"norm_num_groups": 48}, {"block_out_channels": ()}, {"layers_per_block": 0}, {"scaling_factor": 0.0}]
+    "change",
+    [
+        {"norm_num_groups": 48},
+        {"block_out_channels": (48, 64)},  # 64 divides into the 32 groups, 48 does not
+        {"block_out_channels": ()},
+        {"layers_per_block": 0},
+        {"scaling_factor": 0.0},
+    ],
 )
 def test_config_checks_invariants(change):
     with pytest.raises(ValueError):
