@@ -84,6 +84,35 @@ def test_sparse_sd_style_config_gets_diffusers_defaults():
     assert (config.scaling_factor, config.shift_factor) == (0.18215, 0.0)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "config, compression",
+    [
+        ({"_class_name": "AutoencoderKL"}, 1),  # every key left out: one level of 64, latent 4, a resnet per level
+        (
+            {"in_channels": 4, "out_channels": 2, "latent_channels": 6, "block_out_channels": [16, 24, 24, 32, 32],
+             "down_block_types": ["DownEncoderBlock2D"] * 5, "up_block_types": ["UpDecoderBlock2D"] * 5,
+             "layers_per_block": 1, "norm_num_groups": 8, "use_quant_conv": True, "use_post_quant_conv": False},
+            16,
+        ),
+    ],
+    ids=["diffusers-defaults", "five-levels-asymmetric"],
+)  # fmt: skip
+def test_every_config_key_builds_what_diffusers_builds(config, compression):
+    """from_diffusers maps each key to the model diffusers builds from it, including the defaults it fills in for a
+    key left out; asymmetric settings (in != out channels, a quant conv without a post-quant conv) tell swapped keys
+    apart."""
+    ref = randomize_(AutoencoderKL.from_config(config), seed=compression).eval()
+    ours = FluxVAE(FluxVAEConfig.from_diffusers(config)).eval()  # the file's dict, not the one diffusers filled in
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert (ours.spatial_compression, ours.latent_channels) == (compression, ref.config.latent_channels)
+    gen = torch.Generator().manual_seed(compression)
+    z = torch.randn(1, ref.config.latent_channels, 3, 2, generator=gen) * 2
+    assert_parity(ours.decode(z), ref.decode(z).sample)
+    images = torch.rand(1, ref.config.in_channels, 3 * compression, 2 * compression, generator=gen) * 2 - 1
+    assert_parity(ours.encode(images), ref.encode(images).latent_dist.mean)
+
+
 @pytest.mark.parametrize(
     "change",
     [
