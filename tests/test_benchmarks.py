@@ -2,6 +2,7 @@
 a whole compare.py run on the tiny checkpoints (workers in this process), whose two sides must compute the same
 thing. What the full-size runs measure (time, memory) is the benchmark's output, not a test."""
 
+import json
 import re
 import subprocess
 import sys
@@ -410,6 +411,31 @@ def test_the_full_size_checkpoint_has_the_published_hyper_parameters():
     assert DCAEConfig.from_diffusers(dict(checkpoint.DC_AE)) == DCAEConfig()  # dc-ae-f32c32-sana-1.1
     for vae, preset in (("flux", PRX_FLUX), ("dc-ae", PRX_DCAE)):
         assert TransformerConfig.from_diffusers(checkpoint.transformer_config(vae)) == preset
+
+
+def test_the_full_size_text_encoder_is_the_published_t5gemma_2b_encoder(tmp_path, monkeypatch):
+    """save_text_encoder without its 5.2 GB of weights: the module is the encoder half of google/t5gemma-2b-2b-ul2
+    (2.61B parameters) and config.json the composite T5GemmaConfig, as Photoroom publishes it, whose encoder is the
+    published one (mirage's defaults: 26 layers of 2304, 8 query / 4 key-value heads of 256, MLP 9216, soft-cap 50,
+    sliding window 4096, vocabulary 256000)."""
+    from transformers.models.t5gemma.modeling_t5gemma import T5GemmaEncoder
+
+    from mirage.configs import TextEncoderConfig
+
+    built = []
+
+    def weightless(make, seed):
+        with torch.device("meta"):
+            built.append(make())
+        return SimpleNamespace(save_pretrained=lambda folder: None)
+
+    monkeypatch.setattr(checkpoint, "random_bf16", weightless)
+    checkpoint.save_text_encoder(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "t5gemma" and saved["encoder"]["model_type"] == "t5_gemma_module"
+    assert TextEncoderConfig.from_transformers(saved) == TextEncoderConfig()
+    [encoder] = built
+    assert isinstance(encoder, T5GemmaEncoder) and sum(p.numel() for p in encoder.parameters()) == 2_614_341_888
 
 
 def test_random_weights_keep_activations_at_unit_scale():
