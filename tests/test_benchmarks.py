@@ -438,6 +438,23 @@ def test_the_full_size_text_encoder_is_the_published_t5gemma_2b_encoder(tmp_path
     assert isinstance(encoder, T5GemmaEncoder) and sum(p.numel() for p in encoder.parameters()) == 2_614_341_888
 
 
+def test_the_full_size_folder_is_laid_out_as_photoroom_publishes_prx_512(tmp_path, monkeypatch):
+    """build_prx without its weights: model_index.json of Photoroom/prx-512-t2i (default sample size 512, diffusers'
+    class names, the text encoder through `["prx", "T5GemmaEncoder"]`), the scheduler's shift 3.0, the tokenizer's
+    256 tokens, which the benchmark's TOKENIZER_MAX_LENGTH mirrors."""
+    monkeypatch.setattr(checkpoint, "random_bf16", lambda make, seed: SimpleNamespace(save_pretrained=lambda f: None))
+    (tmp_path / "encoder").mkdir()
+    checkpoint.build_prx(tmp_path / "prx-dc-ae", "dc-ae", tmp_path / "encoder")
+    folder = tmp_path / "prx-dc-ae"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["default_sample_size"] == 512 and index["_class_name"] == "PRXPipeline"
+    assert index["text_encoder"] == ["prx", "T5GemmaEncoder"] and index["vae"] == ["diffusers", "AutoencoderDC"]
+    assert json.loads((folder / "scheduler/scheduler_config.json").read_text())["shift"] == 3.0
+    tokenizer = json.loads((folder / "tokenizer/tokenizer_config.json").read_text())
+    assert tokenizer["model_max_length"] == common.TOKENIZER_MAX_LENGTH == 256
+    assert (folder / "text_encoder").resolve() == (tmp_path / "encoder").resolve()
+
+
 def test_random_weights_keep_activations_at_unit_scale():
     default = torch.get_default_dtype()
     linear = checkpoint.random_bf16(lambda: torch.nn.Linear(1024, 256), seed=0)
