@@ -359,7 +359,6 @@ def test_unfused_half_precision_is_pefts_layer_bit_for_bit(pair, dtype):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def test_unloading_after_a_dtype_change_keeps_the_models_dtype(pair):
     ours, _, x, _ = copy.deepcopy(pair)
     add_lora(ours, state_dict_of(random_lora(targets(ours, "blocks.0"), 4, seed=12), "peft"), 0.5, name="style")
