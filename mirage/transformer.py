@@ -16,8 +16,9 @@ How it deviates, without changing what it computes:
 - Fewer passes and buffers, same arithmetic: gated residuals are one `addcmul` each; adaLN scale and shift, the
   q/k norm weight and the MLP's gate * up product are applied in place on fresh temporaries.
 
-Shapes: B batch, L_img image tokens (h * w), L_txt text tokens, D hidden size, H heads, Dh head dim,
-C latent channels, h/w patch grid, p patch size (latents are [B, C, h*p, w*p]), N noise levels.
+Shapes: B batch, L_img image tokens (h * w), L_txt text tokens (L before `encode_text` drops the columns that are
+padding in every row), D hidden size, H heads, Dh head dim, C latent channels, h/w patch grid, p patch size
+(latents are [B, C, h*p, w*p]), N noise levels.
 """
 
 import math
@@ -52,7 +53,7 @@ class TextContext:
     def key_mask(self, num_img_tokens: int) -> Tensor | None:
         """SDPA mask [B, 1, 1, L_txt + L_img] over the [text; image] keys, or None when nothing is masked.
 
-        It stays broadcastable over heads and queries, so no [B, H, L_img, L] mask is ever materialised and
+        It stays broadcastable over heads and queries, so no [B, H, L_img, L_txt + L_img] mask is ever materialised and
         fused kernels remain usable.
         """
         if self.mask is None:
@@ -124,7 +125,7 @@ def ada_layer_norm(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
     The kernel accumulates its statistics in fp32 for half-precision inputs. Scale and shift are applied in
     place on the norm's fresh output, rounding as the reference's out-of-place ops do, without two more
-    [B, L, D] buffers (fresh large buffers cost page faults on CPU).
+    [B, L_img, D] buffers (fresh large buffers cost page faults on CPU).
     """
     return F.layer_norm(x, x.shape[-1:], eps=1e-6).mul_(1 + scale).add_(shift)
 
@@ -159,7 +160,7 @@ class MLPEmbedder(nn.Module):
 
 
 class ResolutionEmbedder(nn.Module):
-    """Embeds the latent size (H, W) into a vector added to the timestep vector (PRX-7B "vec" conditioning)."""
+    """Embeds the latent size (h*p, w*p) into a vector added to the timestep vector (PRX-7B "vec" conditioning)."""
 
     def __init__(self, hidden_size: int, max_period: float):
         super().__init__()
