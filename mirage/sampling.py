@@ -9,6 +9,8 @@ by guiding batches of any size (the reference crashes beyond one image), by comp
 modulation before the loop, by doing the whole Euler update in fp32 (the reference rounds
 (sigma_next - sigma) * v to the model dtype before adding it), and by optionally replaying the model call of
 each step as a CUDA graph (`StepGraph`).
+
+Shapes: B images (the sampler's batch), C latent channels, h/w latent height/width.
 """
 
 from functools import partial
@@ -69,7 +71,7 @@ def denoise(
     cuda_graph: bool = False,
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
 ) -> Tensor:
-    """Integrate latents [B, C, H, W] at noise level sigmas[0] down to sigmas[-1]; returns them in their dtype.
+    """Integrate latents [B, C, h, w] at noise level sigmas[0] down to sigmas[-1]; returns them in their dtype.
 
     text: the context of the 2B rows [uncond; cond] when guidance_scale > 1, else of the B prompts.
     callback(i, sigma, x, v) runs before each update, with the latents x at sigma and the guided velocity v
@@ -113,7 +115,7 @@ class StepGraph:
         self.x = self.mod = self.v = self.replay = None  # the recorded input and output buffers, and the graph
 
     def __call__(self, x: Tensor, mod: Modulation) -> Tensor:
-        """The velocity of latents x [B, C, H, W] at the noise level of mod, as `forward_modulated` gives it."""
+        """The velocity of latents x [B, C, h, w] at the noise level of mod, as `forward_modulated` gives it."""
         if self.replay is None:
             self.x, self.mod = x.clone(), Modulation(mod.blocks.clone(), mod.final.clone())
             v, self.replay, self.v = record(self.run, x.device)
