@@ -74,7 +74,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (c, c + Dh/2) of x [..., L, Dh] by the position angles, in fp32."""
+    """Rotate channel pairs (c, c + Dh/2) of x [..., N, Dh] by the position angles, in fp32."""
     x32 = x.float()
     first, second = x32.chunk(2, dim=-1)
     return (x32 * cos + torch.cat((-second, first), dim=-1) * sin).type_as(x)
@@ -95,7 +95,7 @@ def attention_bias(prompts: torch.Tensor, positions: torch.Tensor, window: int |
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional grouped-query attention with RoPE and tanh soft-capped scores."""
+    """Bidirectional grouped-query attention with RoPE and tanh soft-capped scores, on the packed x [1, N, D]."""
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
@@ -111,22 +111,22 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         seq_len = x.shape[1]
-        # query head h reads key/value head h // G, as the reference's repeat_kv pairs them
-        q = rearrange(self.q_proj(x), "b l (hkv g dh) -> b hkv g l dh", hkv=self.kv_heads, dh=self.head_dim)  # [B, Hkv, G, L, Dh]
-        k = rearrange(self.k_proj(x), "b l (hkv dh) -> b hkv l dh", dh=self.head_dim)  # [B, Hkv, L, Dh]
-        v = rearrange(self.v_proj(x), "b l (hkv dh) -> b hkv l dh", dh=self.head_dim)  # [B, Hkv, L, Dh]
+        # query head h reads key/value head h // G, as the reference's repeat_kv pairs them; q [1, Hkv, G, N, Dh]
+        q = rearrange(self.q_proj(x), "b l (hkv g dh) -> b hkv g l dh", hkv=self.kv_heads, dh=self.head_dim)
+        k = rearrange(self.k_proj(x), "b l (hkv dh) -> b hkv l dh", dh=self.head_dim)  # [1, Hkv, N, Dh]
+        v = rearrange(self.v_proj(x), "b l (hkv dh) -> b hkv l dh", dh=self.head_dim)  # [1, Hkv, N, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         # the G queries of a group stacked along the token axis meet their shared keys in one matmul
-        scores = q.flatten(2, 3) @ k.transpose(-1, -2)  # [B, Hkv, G*L, L]
-        scores = scores.unflatten(2, (-1, seq_len)).float() * self.scale  # [B, Hkv, G, L, L]
+        scores = q.flatten(2, 3) @ k.transpose(-1, -2)  # [1, Hkv, G*N, N]
+        scores = scores.unflatten(2, (-1, seq_len)).float() * self.scale  # [1, Hkv, G, N, N]
         if self.softcap is not None:
             # Gemma-2 bounds the logits to (-cap, cap) smoothly; the mask is added after, as the reference does
             scores = torch.tanh(scores / self.softcap) * self.softcap
         weights = torch.softmax(scores + bias, dim=-1).to(v.dtype)
-        out = weights.flatten(2, 3) @ v  # [B, Hkv, G*L, Dh]
-        out = rearrange(out, "b hkv (g l) dh -> b l (hkv g dh)", l=seq_len)  # [B, L, H*Dh]
-        return self.o_proj(out)  # [B, L, D]
+        out = weights.flatten(2, 3) @ v  # [1, Hkv, G*N, Dh]
+        out = rearrange(out, "b hkv (g l) dh -> b l (hkv g dh)", l=seq_len)  # [1, N, H*Dh]
+        return self.o_proj(out)  # [1, N, D]
 
 
 class MLP(nn.Module):
@@ -139,8 +139,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)  # [B, L, I]
-        return self.down_proj(hidden)  # [B, L, D]
+        hidden = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)  # [1, N, I]
+        return self.down_proj(hidden)  # [1, N, D]
 
 
 class EncoderLayer(nn.Module):
