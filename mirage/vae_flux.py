@@ -18,8 +18,10 @@ this: on realistic latents (unit-variance scaled latents, spatially correlated) 
 activation is ~23 at 512 and 1024 px, far below fp16's 65504, and a decode with every module output
 rounded to fp16 stays finite within 0.002 of fp32.
 
-Shapes: B batch, C channels, H/W image height/width, h/w latent grid (H/f, W/f, f the spatial
-compression), L = h*w positions seen by the mid-block attention.
+Shapes: B batch, C channels (C_in/C_out: a layer's input/output width, the image's at the model's two ends;
+C_0 ... C_last: block_out_channels; C_latent: latent channels), H/W image height/width (inside a block or
+layer: its input's), h/w latent grid (H/f, W/f, f the spatial compression), L = h*w positions seen by the
+mid-block attention.
 """
 
 import torch
@@ -34,7 +36,8 @@ NORM_EPS = 1e-6  # every GroupNorm of the published model
 
 def norm_layer(groups: int, channels: int) -> nn.GroupNorm:
     # No explicit fp32 upcast: PyTorch's GroupNorm kernels already accumulate the statistics of bf16/fp16
-    # input in fp32 (on CPU the bf16 result equals the fp32-then-cast one in all but ~2e-6 of elements),
+    # input in fp32 (on CPU the bf16 result equals the fp32-then-cast one in all but ~2e-6 of elements, ~1e-3 on
+    # the channels-last maps of a CPU decode),
     # and an upcast copy would cost two fp32 copies of the largest feature map (4 GB at 2048 px) and 4x time.
     return nn.GroupNorm(groups, channels, eps=NORM_EPS)
 
