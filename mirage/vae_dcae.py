@@ -17,8 +17,9 @@ Deviations, none visible in fp32:
 - config values the reference would silently reinterpret raise instead (see `DCAEConfig.from_diffusers`).
 Tiling and the latent scaling live in `mirage/autoencoder.py`, shared with the Flux VAE.
 
-Shapes: B batch, C channels, h/w feature grid, H/W pixels, f compression, L = h*w positions, z latent
-channels, S extra q/k/v scales, d head dim, n = (C / d) * (1 + S) attention heads.
+Shapes: B batch, C channels (C_i: stage i's width, C_0 first, C_last last; C_in/C_out: a block's input/output
+width), h/w feature grid, H/W pixels, f compression, L = h*w positions, z latent channels, S extra q/k/v scales,
+d head dim, n = (C / d) * (1 + S) attention heads.
 """
 
 import torch
@@ -255,7 +256,7 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(images)  # [B, C_0, H, W] (an empty first stage: [B, C_1, H/2, W/2])
         for stage in self.down_blocks:
-            x = stage(x)  # [B, C_i+1, h/2, w/2]; the last stage keeps its width and size
+            x = stage(x)  # [B, C_i+1, h/2, w/2]; the last stage, and an empty one, keep their width and size
         z = self.conv_out(x)  # [B, z, H/f, W/f]
         if self.out_shortcut:  # the last width averaged over groups of channels: [B, z, H/f, W/f]
             z = z + reduce(x, "b (c g) h w -> b c h w", "mean", c=self.latent_channels)
@@ -297,7 +298,7 @@ class Decoder(nn.Module):
         if self.in_shortcut:
             x = x + z.repeat_interleave(self.in_repeats, dim=1)  # z's channels repeated to [B, C_last, h, w]
         for stage in reversed(self.up_blocks):
-            x = stage(x)  # [B, C_i, 2h, 2w]; the last stage keeps its width and size
+            x = stage(x)  # [B, C_i, 2h, 2w]; the last stage (run first), and an empty one, keep their width and size
         return self.conv_out(self.conv_act(self.norm_out(x)))  # [B, 3, H, W]
 
 
@@ -318,14 +319,15 @@ class DCAE(nn.Module):
         self.decoder = Decoder(config)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1], H and W multiples of 32 -> raw (unscaled) latents [B, 32, H/32, W/32]."""
+        """Images [B, 3, H, W] in [-1, 1], H and W multiples of f -> raw (unscaled) latents [B, z, H/f, W/f]
+        (f = 32, z = 32 in the published model)."""
         f = self.spatial_compression
         if images.shape[-2] % f or images.shape[-1] % f:
             raise ValueError(f"DC-AE encodes images whose sides are multiples of {f}, got {tuple(images.shape[-2:])}")
         return self.encoder(images)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Raw latents [B, 32, h, w] -> images [B, 3, 32h, 32w], about in [-1, 1]."""
+        """Raw latents [B, z, h, w] -> images [B, 3, f*h, f*w], about in [-1, 1]."""
         if latents.device.type == "cpu":
             # oneDNN's convolutions are faster on channels-last (NHWC) tensors, which the decoder's layers keep:
             # the 512 px decode takes ~7% less time (measured in fp32), the values equal to rounding.
