@@ -131,8 +131,9 @@ def _blend_tiles(
     """fn applied to overlapping tiles of x, the outputs blended into one.
 
     Tiles are laid out on the latent grid: one cell is `in_scale` input pixels square and becomes
-    `out_scale` output pixels square (decode: 1 -> f; encode: f -> 1). Where tiles overlap, the output
-    is the average of theirs weighted by linear ramps (see `_axis_weights`), accumulated in fp32.
+    `out_scale` output pixels square (decode: 1 -> f; encode: f -> 1), of the C_out channels fn gives. Where
+    tiles overlap, the output is the average of theirs weighted by linear ramps (see `_axis_weights`),
+    accumulated in fp32.
     """
     grid_h, grid_w = x.shape[-2] // in_scale, x.shape[-1] // in_scale
     tile_h, tile_w = min(tile, grid_h), min(tile, grid_w)
