@@ -13,7 +13,7 @@ Follows diffusers' `PRXPipeline` (0.42.1) step for step, with six deliberate dif
 - prompt cleaning keeps the curly quotes diffusers' copy lost, as training did (see `mirage.prompt_cleaning`).
 
 Shapes: B prompts, K images per prompt, N = B * K images, L text tokens, D text width,
-C latent channels, h/w latent grid, H/W pixels.
+C latent channels, h/w latent grid, H/W pixels (H'/W': the size generated at, when binning changes it).
 """
 
 import gc
@@ -467,7 +467,7 @@ class MiragePipeline:
         if output_type == "latent":
             return latents
         with self.running("vae") as vae:
-            images = decode_latents(vae, latents)  # [N, 3, H, W] in about [-1, 1]
+            images = decode_latents(vae, latents)  # [N, 3, H', W'] in about [-1, 1]
         check_finite(images, "the VAE's images")
         if use_resolution_binning:
             images = resize_and_crop(images, *request)
