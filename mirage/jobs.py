@@ -424,6 +424,9 @@ class Trajectory:
     With x_sigma = (1 - sigma) x0 + sigma eps and v = eps - x0, the prediction is x0 = x_sigma - sigma v: the image
     the model is heading for, seen from that step. `denoise` calls back before its Euler update, with the latents
     still at sigma; at the last step (next sigma 0) the prediction is the final latents, bit for bit.
+
+    Shapes as in `mirage.pipeline`: N images, C latent channels, h/w latent grid, H'/W' the generated size,
+    H/W the requested one.
     """
 
     def __init__(self):
