@@ -35,9 +35,10 @@ def read_safetensors(
     """All tensors of a safetensors file, floating ones in `dtype` if given, or a CheckpointError naming the file and,
     for a damaged one, the `remedy` (convert_weights.py's sources are downloaded or copied again instead).
 
-    Tensors kept in their stored dtype are memory-mapped (no copy). Tensors to convert are read and converted one
-    at a time instead: converting a memory-mapped file keeps every page of it resident until the last tensor is
-    done, so a bf16 text encoder loaded in fp32 would peak at 1.5x its fp32 size.
+    A file whose floating tensors all keep their stored dtype is memory-mapped (no copy). Otherwise every tensor,
+    those already in `dtype` too, is read and converted (copied) one at a time: converting a memory-mapped file
+    keeps every page of it resident until the last tensor is done, so a bf16 text encoder loaded in fp32 would
+    peak at 1.5x its fp32 size.
     """
     path = Path(path)
     if not path.is_file():
