@@ -37,8 +37,8 @@ NORM_EPS = 1e-6  # every GroupNorm of the published model
 def norm_layer(groups: int, channels: int) -> nn.GroupNorm:
     # No explicit fp32 upcast: PyTorch's GroupNorm kernels already accumulate the statistics of bf16/fp16
     # input in fp32 (on CPU the bf16 result equals the fp32-then-cast one in all but ~2e-6 of elements, ~1e-3 on
-    # the channels-last maps of a CPU decode),
-    # and an upcast copy would cost two fp32 copies of the largest feature map (4 GB at 2048 px) and 4x time.
+    # the channels-last maps of a CPU decode), and an upcast copy would cost two fp32 copies of the largest
+    # feature map (4 GB at 2048 px) and 4x time.
     return nn.GroupNorm(groups, channels, eps=NORM_EPS)
 
 
