@@ -25,12 +25,14 @@ from device to device (offloading) but never enter its state dict, whose keys st
 
 Every file is checked against the model in full before anything changes: an unknown key, a layer the model
 lacks, a rank or shape that does not fit, or a non-finite value raises a LoRAError that names the key, and
-leaves the model as it was.
+leaves the model as it was; a change stopped partway (out of memory while merging, Ctrl-C) is undone, see
+`all_or_nothing`.
 """
 
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,11 +319,13 @@ def add_lora(model: nn.Module, state_dict: dict[str, Tensor], scale: float, name
     if name in lora_names(model):
         raise LoRAError(f"a LoRA named {name!r} is already loaded: unload it first, or give this one another name")
     check_scale(scale)
-    for path, layer_lora in parse_lora(state_dict, model, source).items():
-        linear = model.get_submodule(path)
-        if not isinstance(linear, LoRALinear):
-            linear = LoRALinear.convert(linear)
-        linear.loras.append(LoRAUpdate(name, layer_lora, scale, like=linear.weight))
+    layer_loras = parse_lora(state_dict, model, source)
+    with all_or_nothing(model):
+        for path, layer_lora in layer_loras.items():
+            linear = model.get_submodule(path)
+            if not isinstance(linear, LoRALinear):
+                linear = LoRALinear.convert(linear)
+            linear.loras.append(LoRAUpdate(name, layer_lora, scale, like=linear.weight))
     return name
 
 
@@ -329,39 +333,73 @@ def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
     """Change a loaded LoRA's scale: at once when unfused, by merging again from the original weights when fused."""
     check_loaded(model, name)
     check_scale(scale)
-    for layer in lora_layers(model):
-        for update in layer.loras:
-            if update.name == name:
-                update.scale = scale
-                if update.fused:
-                    layer.merge()
+    with all_or_nothing(model):
+        for layer in lora_layers(model):
+            for update in layer.loras:
+                if update.name == name:
+                    update.scale = scale
+                    if update.fused:
+                        layer.merge()
 
 
 def fuse_lora(model: nn.Module, name: str | None = None) -> None:
     """Merge one loaded LoRA (or all) into the weights; it stays loaded (its scale can still change)."""
     if name is not None:
         check_loaded(model, name)
-    for layer in lora_layers(model):
-        chosen = [u for u in layer.loras if not u.fused and name in (None, u.name)]
-        for update in chosen:
-            update.fused = True
-        if chosen:
-            layer.merge()
+    with all_or_nothing(model):
+        for layer in lora_layers(model):
+            chosen = [u for u in layer.loras if not u.fused and name in (None, u.name)]
+            for update in chosen:
+                update.fused = True
+            if chosen:
+                layer.merge()
 
 
 def unload_lora(model: nn.Module, name: str | None = None) -> None:
     """Remove one LoRA (or all); with none left on a layer, its weight is the original again, bit for bit."""
     if name is not None:
         check_loaded(model, name)
-    for layer in lora_layers(model):
-        removed = [i for i, update in enumerate(layer.loras) if name in (None, update.name)]
-        was_fused = any(layer.loras[i].fused for i in removed)
-        for i in reversed(removed):
-            del layer.loras[i]
-        if was_fused:
-            layer.merge()
-        if len(layer.loras) == 0:
-            layer.revert()
+    with all_or_nothing(model):
+        for layer in lora_layers(model):
+            removed = [i for i, update in enumerate(layer.loras) if name in (None, update.name)]
+            was_fused = any(layer.loras[i].fused for i in removed)
+            for i in reversed(removed):
+                del layer.loras[i]
+            if was_fused:
+                layer.merge()
+            if len(layer.loras) == 0:
+                layer.revert()
+
+
+@contextmanager
+def all_or_nothing(model: nn.Module):
+    """Put every linear layer's LoRAs, their scales and fusing, and its weight back as they were if the block stops
+    partway (an out-of-memory error while merging on the GPU, Ctrl-C): otherwise the layers done would keep the
+    change and the others not, a LoRA could be marked fused without being merged (a retry then skips it), or be
+    removed with its update still merged into the weight. Weights are merged again from the originals, so they
+    come back bit for bit; nothing is copied beforehand."""
+
+    def state(layer: nn.Linear) -> tuple:
+        updates = list(getattr(layer, "loras", []))
+        return type(layer), updates, [(update.fused, update.scale) for update in updates]
+
+    saved = [(layer, state(layer)) for layer in model.modules() if isinstance(layer, nn.Linear)]
+    try:
+        yield
+    except BaseException:
+        for layer, (kind, updates, settings) in saved:
+            if state(layer) == (kind, updates, settings):
+                continue
+            if not isinstance(layer, LoRALinear):
+                LoRALinear.convert(layer)  # the block removed its last LoRA
+            layer.loras = nn.ModuleList(updates)
+            for update, (fused, scale) in zip(updates, settings):
+                update.fused, update.scale = fused, scale
+            if layer.original is not None or any(update.fused for update in updates):
+                layer.merge()  # the original plus what was fused before, or the original alone
+            if kind is not LoRALinear:
+                layer.revert()  # the block gave it its first LoRA
+        raise
 
 
 def check_loaded(model: nn.Module, name: str) -> None:

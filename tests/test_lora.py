@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+import mirage.lora
 import sample
 from mirage.loading import read_safetensors
 from mirage.lora import (
@@ -501,6 +502,61 @@ def test_bad_files(tmp_path):
     with pytest.raises(LoRAError, match="garbage.safetensors is not a readable safetensors file"):
         load_lora(ours, garbage)
     assert lora_names(ours) == []
+
+
+def lora_state(model: nn.Module) -> tuple[dict, list]:
+    """Everything a LoRA change may touch: the weights, and each linear layer's class, LoRAs, fusing and scales."""
+    layers = [(name, type(m), [(u.name, u.fused, u.scale) for u in getattr(m, "loras", [])],
+               getattr(m, "original", None) is not None)
+              for name, m in model.named_modules() if isinstance(m, nn.Linear)]  # fmt: skip
+    return {k: v.clone() for k, v in model.state_dict().items()}, layers
+
+
+CHANGES = {  # each stopped at its third layer: in LoRALinear.merge, or where add_lora builds an update
+    "add": ("LoRAUpdate.__init__",
+            lambda m: add_lora(m, state_dict_of(random_lora(targets(m), 2, seed=12), "kohya"), 0.7, "late")),
+    "fuse one": ("LoRALinear.merge", lambda model: fuse_lora(model, "unfused")),
+    "fuse all": ("LoRALinear.merge", lambda model: fuse_lora(model)),
+    "scale": ("LoRALinear.merge", lambda model: set_lora_scale(model, "fused", 0.3)),
+    "unload one": ("LoRALinear.merge", lambda model: unload_lora(model, "fused")),
+    "unload all": ("LoRALinear.merge", lambda model: unload_lora(model)),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@torch.no_grad()
+def test_a_change_stopped_partway_leaves_the_model_as_it_was(pair, monkeypatch, change):
+    """An out-of-memory error (merging on the GPU) or Ctrl-C after some layers changed: every layer, weight, fusing
+    and scale is as before, and the same change made again gives what it gives on a model never stopped."""
+    ours, _, x, _ = copy.deepcopy(pair)
+    add_lora(ours, state_dict_of(random_lora(targets(ours, "blocks"), 4, seed=13), "peft"), 0.5, name="fused")
+    fuse_lora(ours)
+    add_lora(ours, state_dict_of(random_lora(targets(ours, "blocks.1", "final"), 4, seed=14), "peft"), 0.8,
+             name="unfused")  # fmt: skip
+    untouched = copy.deepcopy(ours)
+    before, base = lora_state(ours), run(ours, x)
+    where, make = CHANGES[change]
+    owner, method = where.split(".", 1)
+    real, calls = getattr(getattr(mirage.lora, owner), method), []
+
+    def stops_at_the_third(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(getattr(mirage.lora, owner), method, stops_at_the_third)
+    with pytest.raises(torch.OutOfMemoryError):
+        make(ours)
+    monkeypatch.undo()
+    after = lora_state(ours)
+    assert after[1] == before[1]
+    assert all(torch.equal(v, before[0][k]) for k, v in after[0].items())
+    assert torch.equal(run(ours, x), base)
+    make(ours)  # again, to the end this time
+    make(untouched)
+    assert lora_state(ours)[1] == lora_state(untouched)[1]
+    assert all(torch.equal(v, untouched.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
 # ---- the pipeline and sample.py ------------------------------------------------------------------------------------
