@@ -365,8 +365,10 @@ class MiragePipeline:
         check_given(negative_prompt_embeds, "negative_prompt_embeds")
         if prompt_embeds is None:
             texts = (negative_prompt if guidance else []) + prompt  # negatives first, as the reference batches them
-            embeds, mask = self.encode_prompts(texts, skip_text_cleaning)
-            self.free_text_encoder()
+            try:
+                embeds, mask = self.encode_prompts(texts, skip_text_cleaning)
+            finally:  # after a failure too: an encoder that ran out of memory must not stay beside the transformer
+                self.free_text_encoder()
             if guidance:
                 negative_prompt_embeds, prompt_embeds = embeds.chunk(2)  # [B, L, D] each
                 negative_prompt_mask, prompt_mask = mask.chunk(2)  # [B, L] each

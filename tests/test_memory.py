@@ -58,6 +58,23 @@ def test_offloaded_models_are_judged_by_cpu_memory(mirage_flux, monkeypatch, off
     assert ("text_encoder" in pipe.models) == kept
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_text_encoder_that_failed_is_freed_or_kept_as_one_that_ran(mirage_flux, baseline, keep, monkeypatch):
+    # Out of memory while encoding: an encoder that is not to stay goes all the same, rather than sitting beside the
+    # transformer (a GPU's worth at full size) until a later call happens to encode prompts.
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", keep_text_encoder=keep)
+    monkeypatch.setattr(pipe.text_encoder.layers[1], "forward", out_of_memory)  # partway through the encoder
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(pipe)
+    assert ("text_encoder" in pipe.models) == keep
+    monkeypatch.undo()
+    assert torch.equal(generate(pipe), baseline)
+
+
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 @pytest.fixture
 def eager_compile(monkeypatch):
     """`Module.compile` traces and guards as usual but generates no code: what these tests check is the former."""
