@@ -75,6 +75,34 @@ def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+def ctrl_c_at_step_1(step, *_):
+    if step == 1:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("offload", [None, "model", "sequential"])
+@pytest.mark.parametrize("stop", ["callback", "block", "decode"])
+def test_the_call_after_a_stopped_one_equals_a_fresh_pipelines(mirage_flux, offload, stop, monkeypatch):
+    """Ctrl-C from a callback, out of memory in a transformer block or in the VAE: the next call makes the images a
+    fresh pipeline makes, with no part of a model left away from home and LoRAs free to change again."""
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
+    fresh = generate(pipe, output_type="pt", num_images_per_prompt=2)
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", offload=offload, keep_text_encoder=True)
+    callback = None
+    if stop == "callback":
+        callback = ctrl_c_at_step_1
+    else:
+        part = pipe.transformer.blocks[1] if stop == "block" else pipe.vae.decoder
+        monkeypatch.setattr(part, "forward", out_of_memory)
+    with pytest.raises(KeyboardInterrupt if stop == "callback" else torch.OutOfMemoryError):
+        generate(pipe, output_type="pt", num_images_per_prompt=2, callback=callback)
+    monkeypatch.undo()
+    assert not pipe.denoising
+    parts = [module for model in pipe.models.values() for module in model.modules()]
+    assert not any(getattr(module, "streamed_home", None) for module in parts)  # every lent tensor back
+    assert torch.equal(generate(pipe, output_type="pt", num_images_per_prompt=2), fresh)
+
+
 @pytest.fixture
 def eager_compile(monkeypatch):
     """`Module.compile` traces and guards as usual but generates no code: what these tests check is the former."""
