@@ -383,19 +383,27 @@ def all_or_nothing(model: nn.Module):
         updates = list(getattr(layer, "loras", []))
         return type(layer), updates, [(update.fused, update.scale) for update in updates]
 
+    def merged(updates: list, settings: list) -> list:
+        """What a merge writes into the weight: the fused updates, with their scales."""
+        return [(update, scale) for update, (fused, scale) in zip(updates, settings) if fused]
+
     saved = [(layer, state(layer)) for layer in model.modules() if isinstance(layer, nn.Linear)]
     try:
         yield
     except BaseException:
         for layer, (kind, updates, settings) in saved:
-            if state(layer) == (kind, updates, settings):
+            now = state(layer)
+            if now == (kind, updates, settings):
                 continue
+            # Merge again only where the block changed what is merged: undoing a load (whose buffers may just have
+            # run out of memory) must not recompute every fused weight it touched, which needs far more memory.
+            remerge = merged(*now[1:]) != merged(updates, settings)
             if not isinstance(layer, LoRALinear):
                 LoRALinear.convert(layer)  # the block removed its last LoRA
             layer.loras = nn.ModuleList(updates)
             for update, (fused, scale) in zip(updates, settings):
                 update.fused, update.scale = fused, scale
-            if layer.original is not None or any(update.fused for update in updates):
+            if remerge and (layer.original is not None or any(update.fused for update in updates)):
                 layer.merge()  # the original plus what was fused before, or the original alone
             if kind is not LoRALinear:
                 layer.revert()  # the block gave it its first LoRA

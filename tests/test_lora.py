@@ -559,6 +559,37 @@ def test_a_change_stopped_partway_leaves_the_model_as_it_was(pair, monkeypatch, 
     assert all(torch.equal(v, untouched.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
+
+@torch.no_grad()
+def test_a_load_stopped_by_running_out_of_memory_is_undone_without_merging(pair, monkeypatch):
+    """A load out of memory at its third layer, with memory still short: undoing it needs no merge (the weights did
+    not change), so the fused weights it touched are left alone and the model is as it was, not half-loaded."""
+    ours, _, x, _ = copy.deepcopy(pair)
+    add_lora(ours, state_dict_of(random_lora(targets(ours, "blocks"), 4, seed=13), "peft"), 0.5, name="fused")
+    fuse_lora(ours)
+    before, base = lora_state(ours), run(ours, x)
+    real, calls = mirage.lora.LoRAUpdate.__init__, []
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    def stops_at_the_third(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            out_of_memory()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mirage.lora.LoRAUpdate, "__init__", stops_at_the_third)
+    monkeypatch.setattr(mirage.lora.LoRALinear, "merge", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        add_lora(ours, state_dict_of(random_lora(targets(ours), 2, seed=12), "kohya"), 0.7, "late")
+    monkeypatch.undo()
+    assert lora_names(ours) == ["fused"]
+    after = lora_state(ours)
+    assert after[1] == before[1]
+    assert all(torch.equal(v, before[0][k]) for k, v in after[0].items())
+    assert torch.equal(run(ours, x), base)
+
 # ---- the pipeline and sample.py ------------------------------------------------------------------------------------
 
 
