@@ -559,7 +559,6 @@ def test_a_change_stopped_partway_leaves_the_model_as_it_was(pair, monkeypatch, 
     assert all(torch.equal(v, untouched.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
-
 @torch.no_grad()
 def test_a_load_stopped_by_running_out_of_memory_is_undone_without_merging(pair, monkeypatch):
     """A load out of memory at its third layer, with memory still short: undoing it needs no merge (the weights did
@@ -589,6 +588,7 @@ def test_a_load_stopped_by_running_out_of_memory_is_undone_without_merging(pair,
     assert after[1] == before[1]
     assert all(torch.equal(v, before[0][k]) for k, v in after[0].items())
     assert torch.equal(run(ours, x), base)
+
 
 # ---- the pipeline and sample.py ------------------------------------------------------------------------------------
 
