@@ -376,8 +376,8 @@ def all_or_nothing(model: nn.Module):
     """Put every linear layer's LoRAs, their scales and fusing, and its weight back as they were if the block stops
     partway (an out-of-memory error while merging on the GPU, Ctrl-C): otherwise the layers done would keep the
     change and the others not, a LoRA could be marked fused without being merged (a retry then skips it), or be
-    removed with its update still merged into the weight. Weights are merged again from the originals, so they
-    come back bit for bit; nothing is copied beforehand."""
+    removed with its update still merged into the weight. A weight whose merged updates the block changed is merged
+    again from its original, so it comes back bit for bit; nothing is copied beforehand."""
 
     def state(layer: nn.Linear) -> tuple:
         updates = list(getattr(layer, "loras", []))
