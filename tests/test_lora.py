@@ -512,6 +512,35 @@ def lora_state(model: nn.Module) -> tuple[dict, list]:
     return {k: v.clone() for k, v in model.state_dict().items()}, layers
 
 
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+
+def third_call_fails(real):
+    """`real`, except that its third call runs out of memory: a change stopped after two layers."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(None)
+        return out_of_memory() if len(calls) == 3 else real(*args, **kwargs)
+
+    return wrapped
+
+
+def with_a_fused_lora(pair) -> tuple[nn.Module, torch.Tensor]:
+    ours, _, x, _ = copy.deepcopy(pair)
+    add_lora(ours, state_dict_of(random_lora(targets(ours, "blocks"), 4, seed=13), "peft"), 0.5, name="fused")
+    fuse_lora(ours)
+    return ours, x
+
+
+def assert_as_before(model: nn.Module, before: tuple[dict, list], x: torch.Tensor, base: torch.Tensor) -> None:
+    after = lora_state(model)
+    assert after[1] == before[1]
+    assert all(torch.equal(v, before[0][k]) for k, v in after[0].items())
+    assert torch.equal(run(model, x), base)
+
+
 CHANGES = {  # each stopped at its third layer: in LoRALinear.merge, or where add_lora builds an update
     "add": ("LoRAUpdate.__init__",
             lambda m: add_lora(m, state_dict_of(random_lora(targets(m), 2, seed=12), "kohya"), 0.7, "late")),
@@ -528,31 +557,19 @@ CHANGES = {  # each stopped at its third layer: in LoRALinear.merge, or where ad
 def test_a_change_stopped_partway_leaves_the_model_as_it_was(pair, monkeypatch, change):
     """An out-of-memory error (merging on the GPU) or Ctrl-C after some layers changed: every layer, weight, fusing
     and scale is as before, and the same change made again gives what it gives on a model never stopped."""
-    ours, _, x, _ = copy.deepcopy(pair)
-    add_lora(ours, state_dict_of(random_lora(targets(ours, "blocks"), 4, seed=13), "peft"), 0.5, name="fused")
-    fuse_lora(ours)
+    ours, x = with_a_fused_lora(pair)
     add_lora(ours, state_dict_of(random_lora(targets(ours, "blocks.1", "final"), 4, seed=14), "peft"), 0.8,
              name="unfused")  # fmt: skip
     untouched = copy.deepcopy(ours)
     before, base = lora_state(ours), run(ours, x)
     where, make = CHANGES[change]
     owner, method = where.split(".", 1)
-    real, calls = getattr(getattr(mirage.lora, owner), method), []
-
-    def stops_at_the_third(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(getattr(mirage.lora, owner), method, stops_at_the_third)
+    cls = getattr(mirage.lora, owner)
+    monkeypatch.setattr(cls, method, third_call_fails(getattr(cls, method)))
     with pytest.raises(torch.OutOfMemoryError):
         make(ours)
     monkeypatch.undo()
-    after = lora_state(ours)
-    assert after[1] == before[1]
-    assert all(torch.equal(v, before[0][k]) for k, v in after[0].items())
-    assert torch.equal(run(ours, x), base)
+    assert_as_before(ours, before, x, base)
     make(ours)  # again, to the end this time
     make(untouched)
     assert lora_state(ours)[1] == lora_state(untouched)[1]
@@ -563,31 +580,15 @@ def test_a_change_stopped_partway_leaves_the_model_as_it_was(pair, monkeypatch, 
 def test_a_load_stopped_by_running_out_of_memory_is_undone_without_merging(pair, monkeypatch):
     """A load out of memory at its third layer, with memory still short: undoing it needs no merge (the weights did
     not change), so the fused weights it touched are left alone and the model is as it was, not half-loaded."""
-    ours, _, x, _ = copy.deepcopy(pair)
-    add_lora(ours, state_dict_of(random_lora(targets(ours, "blocks"), 4, seed=13), "peft"), 0.5, name="fused")
-    fuse_lora(ours)
+    ours, x = with_a_fused_lora(pair)
     before, base = lora_state(ours), run(ours, x)
-    real, calls = mirage.lora.LoRAUpdate.__init__, []
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
-
-    def stops_at_the_third(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == 3:
-            out_of_memory()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mirage.lora.LoRAUpdate, "__init__", stops_at_the_third)
+    monkeypatch.setattr(mirage.lora.LoRAUpdate, "__init__", third_call_fails(mirage.lora.LoRAUpdate.__init__))
     monkeypatch.setattr(mirage.lora.LoRALinear, "merge", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         add_lora(ours, state_dict_of(random_lora(targets(ours), 2, seed=12), "kohya"), 0.7, "late")
     monkeypatch.undo()
     assert lora_names(ours) == ["fused"]
-    after = lora_state(ours)
-    assert after[1] == before[1]
-    assert all(torch.equal(v, before[0][k]) for k, v in after[0].items())
-    assert torch.equal(run(ours, x), base)
+    assert_as_before(ours, before, x, base)
 
 
 # ---- the pipeline and sample.py ------------------------------------------------------------------------------------
