@@ -10,6 +10,7 @@ materialised in bf16, so building never holds more than one of them (the encoder
 """
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from mirage.configs import PRX_DCAE, PRX_FLUX  # noqa: E402
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mirage-bench"
 VAE_TYPES = ("flux", "dc-ae")
+HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"  # read by PyTorch's CPU allocator
 
 # The published VAE configs: black-forest-labs/FLUX.1-dev vae/ and mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers.
 FLUX_VAE = dict(
@@ -135,7 +137,23 @@ def ensure_checkpoint(cache: Path, vae_type: str) -> tuple[Path, Path]:
     mirage = cache / f"mirage-{vae_type}"
     if not (mirage / "config.json").is_file():
         print(f"converting it to {mirage} (once) ...", flush=True)
+        convert(prx, mirage)
+    return prx, mirage
+
+
+def convert(prx: Path, mirage: Path) -> None:
+    """convert_weights.py's conversion, in this process, which leaves the environment as it found it.
+
+    The converter asks for 2 MB pages when imported (`mirage.use_huge_pages` sets THP_MEM_ALLOC_ENABLE), and the
+    benchmarks' worker processes inherit this one's environment: a run that had to convert would otherwise
+    measure both sides under another setting than the runs after it."""
+    setting = os.environ.get(HUGE_PAGES)
+    try:
         import convert_weights
 
         convert_weights.main([str(prx), str(mirage), "--force"])
-    return prx, mirage
+    finally:
+        if setting is None:
+            os.environ.pop(HUGE_PAGES, None)
+        else:
+            os.environ[HUGE_PAGES] = setting

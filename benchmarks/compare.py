@@ -50,7 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-from checkpoint import ensure_checkpoint  # noqa: E402
+from checkpoint import HUGE_PAGES, ensure_checkpoint  # noqa: E402
 from common import (  # noqa: E402
     TOKENIZER_MAX_LENGTH, Timer, add_model_options, check_model_options, empty_compile_caches, left_padded_mask,
     load_ours, peak_memory,
@@ -376,7 +376,7 @@ def machine() -> str:
         native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         text += ", native bf16" if native else ", no native bf16 (bf16 is emulated)"
     # Both sides' workers inherit it: 2 MB pages change how often each side page-faults (see the README's CPU part).
-    return text + f", THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
+    return text + f", {HUGE_PAGES}={os.environ.get(HUGE_PAGES, 'unset')}"
 
 
 def accelerate_note() -> str:

@@ -3,6 +3,7 @@ a whole compare.py run on the tiny checkpoints (workers in this process), whose 
 thing. What the full-size runs measure (time, memory) is the benchmark's output, not a test."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -483,3 +484,24 @@ def test_an_interrupted_conversion_is_converted_again(tmp_path, monkeypatch):
     (tmp_path / "mirage-flux" / "config.json").write_text("{}")
     checkpoint.ensure_checkpoint(tmp_path, "flux")
     assert len(converted) == 1
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_converting_leaves_the_workers_environment_as_it_was(setting, tmp_path, monkeypatch):
+    # convert_weights.py asks for 2 MB pages (THP_MEM_ALLOC_ENABLE=1) when imported, and the workers inherit this
+    # process's environment: a run that converted must not measure under another setting than the runs after it.
+    pages = "os.environ['THP_MEM_ALLOC_ENABLE'] = '1'"
+    (tmp_path / "convert_weights.py").write_text(f"import os\n{pages}\n\ndef main(argv):\n    {pages}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "convert_weights", raising=False)
+    if setting is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", setting)
+    cache = tmp_path / "cache"
+    for folder, marker in (("t5gemma-2b-encoder", "config.json"), ("prx-flux", "model_index.json")):
+        (cache / folder).mkdir(parents=True)
+        (cache / folder / marker).write_text("{}")
+    checkpoint.ensure_checkpoint(cache, "flux")
+    assert sys.modules["convert_weights"].__file__ == str(tmp_path / "convert_weights.py")  # it did convert
+    assert os.environ.get("THP_MEM_ALLOC_ENABLE") == setting
+
+
