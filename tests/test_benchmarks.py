@@ -491,7 +491,8 @@ def test_converting_leaves_the_workers_environment_as_it_was(setting, tmp_path, 
     pages = "os.environ['THP_MEM_ALLOC_ENABLE'] = '1'"
     (tmp_path / "convert_weights.py").write_text(f"import os\n{pages}\n\ndef main(argv):\n    {pages}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "convert_weights", raising=False)
+    monkeypatch.setitem(sys.modules, "convert_weights", None)  # undone last: the module as it was, or none
+    monkeypatch.delitem(sys.modules, "convert_weights")  # so that the import runs the stand-in's module code
     if setting is None:
         monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     else:
