@@ -475,15 +475,22 @@ def test_an_interrupted_conversion_is_converted_again(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "save_text_encoder", lambda folder: pytest.fail("the encoder is there"))
     monkeypatch.setattr(checkpoint, "build_prx", lambda *args: pytest.fail("the PRX folder is there"))
     monkeypatch.setitem(sys.modules, "convert_weights", SimpleNamespace(main=converted.append))  # what it imports
-    for folder, marker in (("t5gemma-2b-encoder", "config.json"), ("prx-flux", "model_index.json")):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / marker).write_text("{}")
+    built_but_not_converted(tmp_path)
     (tmp_path / "mirage-flux").mkdir()  # a conversion that stopped before writing config.json
     assert checkpoint.ensure_checkpoint(tmp_path, "flux") == (tmp_path / "prx-flux", tmp_path / "mirage-flux")
     assert converted == [[str(tmp_path / "prx-flux"), str(tmp_path / "mirage-flux"), "--force"]]
     (tmp_path / "mirage-flux" / "config.json").write_text("{}")
     checkpoint.ensure_checkpoint(tmp_path, "flux")
     assert len(converted) == 1
+
+
+def built_but_not_converted(cache: Path) -> None:
+    """The markers ensure_checkpoint looks for: the encoder and the PRX folder are built, nothing is converted."""
+    for folder, marker in (("t5gemma-2b-encoder", "config.json"), ("prx-flux", "model_index.json")):
+        (cache / folder).mkdir(parents=True)
+        (cache / folder / marker).write_text("{}")
+
+
 @pytest.mark.parametrize("setting", [None, "0"])
 def test_converting_leaves_the_workers_environment_as_it_was(setting, tmp_path, monkeypatch):
     # convert_weights.py asks for 2 MB pages (THP_MEM_ALLOC_ENABLE=1) when imported, and the workers inherit this
@@ -498,11 +505,7 @@ def test_converting_leaves_the_workers_environment_as_it_was(setting, tmp_path, 
     else:
         monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", setting)
     cache = tmp_path / "cache"
-    for folder, marker in (("t5gemma-2b-encoder", "config.json"), ("prx-flux", "model_index.json")):
-        (cache / folder).mkdir(parents=True)
-        (cache / folder / marker).write_text("{}")
+    built_but_not_converted(cache)
     checkpoint.ensure_checkpoint(cache, "flux")
     assert sys.modules["convert_weights"].__file__ == str(tmp_path / "convert_weights.py")  # it did convert
     assert os.environ.get("THP_MEM_ALLOC_ENABLE") == setting
-
-
