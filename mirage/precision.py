@@ -1,7 +1,7 @@
 """Which dtype each model runs in: the pipeline's, except where that is known to go wrong.
 
 - float16 is not used for a model whose class says `fp16_safe = False`: the T5Gemma encoder (Gemma-2
-  activations) and both VAEs (see each module's docstring for the evidence). They run in bfloat16,
+  activations) and both VAEs (each module gives the evidence). They run in bfloat16,
   float32's range at float16's size, or in float32 where the device has no native bfloat16. The
   transformer runs in float16 when asked.
 - bfloat16 or float16 on a device without native kernels for it becomes float32: there (AVX2-only CPUs)
