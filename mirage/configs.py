@@ -5,7 +5,32 @@ clear ValueError before any weight is allocated.
 """
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+import types
+from dataclasses import asdict, dataclass, field, fields, replace
+
+
+def check_types(config) -> None:
+    """Refuse a field whose value does not have its annotated type (ints for ints, finite numbers for floats;
+    lists stand for tuples, as JSON has no tuples): config.json files are edited by hand, and 64.0 as a width or
+    "x" as a base would otherwise fail deep inside torch, long after loading."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not _has_type(value, f.type):
+            name = f.type.__name__ if isinstance(f.type, type) else str(f.type)
+            raise ValueError(f"{f.name} must be {'a finite ' if name == 'float' else ''}{name}, got {value!r}")
+
+
+def _has_type(value, kind) -> bool:
+    if isinstance(kind, types.UnionType):  # int | None
+        return any(_has_type(value, option) for option in kind.__args__)
+    if isinstance(kind, types.GenericAlias):  # tuple[int, ...]
+        return isinstance(value, (tuple, list)) and all(_has_type(v, kind.__args__[0]) for v in value)
+    if kind in (int, float) and isinstance(value, bool):
+        return False  # a bool is an int to Python, never a size or a scale to us
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
 
 # ---- transformer ----------------------------------------------------------------------------
 
@@ -29,9 +54,12 @@ class TransformerConfig:
     resolution_embeds: bool = False  # add an embedding of the latent (H, W) to the timestep vector
 
     def __post_init__(self):
+        check_types(self)
         sizes = (self.in_channels, self.patch_size, self.context_in_dim, self.hidden_size, self.num_heads, self.depth)
         if min(sizes) < 1 or self.mlp_ratio <= 0 or (self.bottleneck_size is not None and self.bottleneck_size < 1):
             raise ValueError(f"sizes, mlp_ratio and bottleneck_size must be positive: {self}")
+        if min(self.theta, self.time_factor, self.time_max_period) <= 0:
+            raise ValueError(f"theta, time_factor and time_max_period must be positive: {self}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         # RoPE rotates channel pairs over the 2-D patch grid: one even share of the head dim per axis.
@@ -98,10 +126,12 @@ class TextEncoderConfig:
     layer_types: tuple[str, ...] = alternating_layer_types(26)
 
     def __post_init__(self):
+        check_types(self)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         sizes = (self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.head_dim)
-        if min(sizes) < 1 or self.num_key_value_heads < 1 or self.rms_norm_eps <= 0 or self.query_pre_attn_scalar <= 0:
-            raise ValueError(f"sizes, heads, rms_norm_eps and query_pre_attn_scalar must be positive: {self}")
+        scales = (self.rms_norm_eps, self.query_pre_attn_scalar, self.rope_theta)
+        if min(sizes) < 1 or self.num_key_value_heads < 1 or min(scales) <= 0:
+            raise ValueError(f"sizes, heads, rms_norm_eps, query_pre_attn_scalar and rope_theta must be positive: {self}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}"
@@ -167,6 +197,7 @@ class TokenizerConfig:
     pad_token: str = "<pad>"
 
     def __post_init__(self):
+        check_types(self)
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.model_max_length < 1 + self.add_bos_token + self.add_eos_token:
@@ -270,6 +301,7 @@ class FluxVAEConfig:
     shift_factor: float = 0.1159
 
     def __post_init__(self):
+        check_types(self)
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         if not self.block_out_channels:
             raise ValueError("block_out_channels must name at least one level")
@@ -385,6 +417,7 @@ class DCAEConfig:
     shift_factor: float = 0.0
 
     def __post_init__(self):
+        check_types(self)
         for name in ("encoder_block_types", "decoder_block_types", "encoder_block_out_channels",
                      "decoder_block_out_channels", "encoder_layers_per_block", "decoder_layers_per_block",
                      "decoder_norm_types", "decoder_act_fns"):  # fmt: skip
@@ -493,6 +526,7 @@ class SamplingConfig:
     default_sample_size: int = 512  # the resolution the checkpoint was trained at (256, 512 or 1024)
 
     def __post_init__(self):
+        check_types(self)
         if not (0 < self.shift < math.inf) or self.num_train_timesteps < 1:
             raise ValueError(
                 f"shift must be finite and > 0 and num_train_timesteps >= 1, got {self.shift}, {self.num_train_timesteps}"

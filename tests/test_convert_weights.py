@@ -250,6 +250,8 @@ def broken(edit):
         (broken(edit_json("model_index.json", default_sample_size="512")), "default_sample_size must be an integer"),
         (broken(edit_json("vae/config.json", _class_name=["AutoencoderKL"])), "not a VAE mirage knows"),
         (broken(edit_json("transformer/config.json", hidden_size="64")), "transformer/config.json is not a config"),
+        (broken(edit_json("transformer/config.json", depth=2.0)), r"config.json is not a config .*\(depth must be int"),
+        (broken(edit_json("transformer/config.json", theta="x")), r"config.json is not a config .*\(theta must be int"),
         (broken(edit_json("text_encoder/config.json", whole={"model_type": "t5gemma"})),
          "text_encoder/config.json is not a config mirage can read"),
         (broken(edit_json("scheduler/scheduler_config.json", shift=[3])), "scheduler_config.json is not a config"),

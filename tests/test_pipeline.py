@@ -508,6 +508,29 @@ def test_a_tokenizer_that_does_not_fit_is_refused_on_opening(mirage_flux, tmp_pa
 
 
 @pytest.mark.parametrize(
+    "part, key, value, message",
+    [
+        ("transformer", "hidden_size", 64.0, "hidden_size must be int, got 64.0"),
+        ("transformer", "theta", "x", "theta must be int, got 'x'"),
+        ("transformer", "time_max_period", 0, "theta, time_factor and time_max_period must be positive"),
+        ("transformer", "resolution_embeds", 1, "resolution_embeds must be bool, got 1"),
+        ("text_encoder", "rope_theta", float("nan"), "rope_theta must be a finite float, got nan"),
+        ("text_encoder", "layer_types", ["sliding_attention", 2], r"layer_types must be tuple\[str, ...\]"),
+        ("tokenizer", "bos_token", 5, "bos_token must be str, got 5"),
+        ("vae", "latent_channels", 16.0, "latent_channels must be int, got 16.0"),
+        ("sampling", "shift", "3", "shift must be a finite float, got '3'"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_refused_on_opening(mirage_flux, tmp_path, part, key, value, message):
+    folder = shutil.copytree(mirage_flux, tmp_path / "checkpoint")
+    config = json.loads((folder / "config.json").read_text())
+    config[part][key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"config.json is not a valid mirage config \({message}.*\): convert"):
+        MiragePipeline.from_pretrained(folder, device="cpu")
+
+
+@pytest.mark.parametrize(
     "name, message",
     [
         ("missing", r"missing does not exist: run python convert_weights.py SRC .*missing to make it$"),
