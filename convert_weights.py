@@ -452,16 +452,15 @@ def check_out(out: Path, force: bool) -> None:
     """OUT must be new, or with --force a converted checkpoint or an empty folder: never a folder of other files."""
     if not out.exists():
         return
+    if not (out.is_dir() and not any(out.iterdir())):
+        try:
+            read_config(out)
+        except CheckpointError:  # checked first: advising --force here would only lead to this refusal
+            raise CheckpointError(
+                f"{out} is not a converted checkpoint, and --force replaces only those: choose another OUT"
+            ) from None
     if not force:
         raise CheckpointError(f"{out} already exists: pass --force to replace it")
-    if out.is_dir() and not any(out.iterdir()):
-        return
-    try:
-        read_config(out)
-    except CheckpointError:
-        raise CheckpointError(
-            f"{out} is not a converted checkpoint, and --force replaces only those: choose another OUT"
-        ) from None
 
 
 def check_sources(args, out: Path) -> None:

@@ -320,6 +320,9 @@ def test_force_replaces_only_a_converted_checkpoint(prx_flux, mirage_flux, tmp_p
     monkeypatch.chdir(other)
     with pytest.raises(CheckpointError, match="not a converted checkpoint, and --force replaces only those"):
         convert(prx_flux, ".", "--force")
+    for out in (".", "src/keep.txt"):  # without --force too: advising it would only lead to the refusal above
+        with pytest.raises(CheckpointError, match=f"{out} is not a converted checkpoint, .*: choose another OUT$"):
+            convert(prx_flux, out)
     assert (other / "src" / "keep.txt").read_text() == "mine" and sorted(tmp_path.iterdir()) == [other]
     checkpoint = shutil.copytree(mirage_flux, tmp_path / "checkpoint")
     monkeypatch.chdir(checkpoint)
