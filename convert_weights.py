@@ -21,9 +21,11 @@ import glob
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
+import zipfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -208,14 +210,19 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return read_safetensors(path, remedy=REFETCH)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises many types for a bad pickle; all mean the same to the user
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+        # torch's zip format is memory-mapped; its older one (before torch 1.6) cannot be, and is read
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:  # torch's paragraph on this suggests unsafe loading: say what it means instead
+        raise CheckpointError(f"{path} is not a torch pickle of plain tensors (safe loading refused it): {REFETCH}, "
+                              "or save its state dict with safetensors") from None  # fmt: skip
+    except Exception as err:  # torch raises many types for a damaged file; all mean the same to the user
+        detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}" if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({detail}): {REFETCH}") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        raise CheckpointError(f"{path} does not hold a state dict of tensors: pass the transformer's weights file")
     return state
 
 

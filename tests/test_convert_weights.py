@@ -83,9 +83,13 @@ def to_original_name(key: str) -> str:
     return f"blocks.{index}.{ORIGINAL_NAMES.get(name, name)}"
 
 
-@pytest.mark.parametrize("suffix, wrapper", [(".pth", "model"), (".pt", "state_dict"), (".safetensors", None)])
-def test_original_codebase_transformer(prx_flux, mirage_flux, tmp_path, suffix, wrapper):
-    """A training-codebase state dict (original key names, no config) converts to the same weights and config."""
+@pytest.mark.parametrize(
+    "suffix, wrapper, zipped",
+    [(".pth", "model", True), (".pt", "state_dict", True), (".pth", None, False), (".safetensors", None, None)],
+)
+def test_original_codebase_transformer(prx_flux, mirage_flux, tmp_path, suffix, wrapper, zipped):
+    """A training-codebase state dict (original key names, no config) converts to the same weights and config, from
+    torch's zip format and from its older one (which cannot be memory-mapped) alike."""
     source = load_file(prx_flux / "transformer/diffusion_pytorch_model.safetensors")
     original = {to_original_name(k): v for k, v in source.items()}
     assert "blocks.0.qk_norm.query_norm.scale" in original
@@ -93,7 +97,8 @@ def test_original_codebase_transformer(prx_flux, mirage_flux, tmp_path, suffix, 
     if suffix == ".safetensors":
         save_file(original, path)
     else:
-        torch.save({wrapper: original, "step": 1000} if wrapper else original, path)
+        torch.save({wrapper: original, "step": 1000} if wrapper else original, path,
+                   _use_new_zipfile_serialization=zipped)  # fmt: skip
     convert(prx_flux, tmp_path / "out", "--transformer", path)
     assert_same_tensors(converted(tmp_path / "out", "transformer"), source)
     assert config_of(tmp_path / "out").transformer == config_of(mirage_flux).transformer
@@ -238,6 +243,16 @@ def widen_text_embeddings(folder: Path):
     path.write_text(json.dumps({**config, "encoder": {**encoder, "hidden_size": 2 * encoder["hidden_size"]}}))
 
 
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def save_pickle(path, obj):
+    torch.save(obj, path)
+    return path
+
+
 def broken(edit):
     return lambda src, tmp: [broken_copy(src, tmp, edit)]
 
@@ -271,6 +286,12 @@ def broken(edit):
         (lambda src, tmp: [src, "--vae-type", "dc-ae"], "AutoencoderKL"),
         (broken(edit_json("model_index.json", vae=["diffusers", "AutoencoderDC"])),
          r"holds an AutoencoderKL \(flux\), but model_index.json says dc-ae"),
+        (lambda src, tmp: [src, "--transformer", write(tmp / "prx.pth", b"not a pickle")],
+         r"prx.pth is not a torch pickle of plain tensors \(safe loading refused it\): download or copy it again, or"),
+        (lambda src, tmp: [src, "--transformer", write(tmp / "prx.pt", b"PK\x03\x04 cut short")],
+         r"prx.pt is not a readable torch checkpoint \(\w+: [^\n]*\): download or copy it again$"),
+        (lambda src, tmp: [src, "--transformer", save_pickle(tmp / "prx.pt", [torch.ones(1)])],
+         "prx.pt does not hold a state dict of tensors: pass the transformer's weights file"),
         (lambda src, tmp: ["--vae", src / "vae"], "no transformer found: pass --transformer PATH"),  # OUT, a part flag
         (lambda src, tmp: [src, "--transformer", src.parent / "prx-dcae/transformer"], "latent channels"),
         (lambda src, tmp: [src, "--text-encoder", src / "vae"], "text_encoder|T5Gemma|model_type"),
