@@ -117,12 +117,22 @@ def read_config(folder: str | Path) -> MirageConfig:
         raise CheckpointError(f"{folder} does not exist: run python convert_weights.py SRC {folder} to make it")
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is a file: pass the checkpoint folder (the one that holds config.json)")
+    if (folder / "model_index.json").is_file():  # converting into the source folder would be the wrong fix
+        raise CheckpointError(
+            f"{folder} is a diffusers pipeline, not a converted checkpoint: run python convert_weights.py {folder} OUT"
+        )
     if not path.is_file():
         raise CheckpointError(
             f"{folder} is not a converted checkpoint (no config.json): run python convert_weights.py SRC {folder}"
         )
     try:
-        return MirageConfig.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and ("_class_name" in data or "model_type" in data):
+            raise CheckpointError(
+                f"{folder} is one model of a diffusers pipeline, not a converted checkpoint: run python "
+                f"convert_weights.py PIPELINE OUT on the folder that holds it"
+            )
+        return MirageConfig.from_dict(data)
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} is not a valid mirage config ({err}): convert the checkpoint again") from None
 

@@ -537,9 +537,15 @@ def test_a_config_value_of_the_wrong_type_is_refused_on_opening(mirage_flux, tmp
         ("checkpoint/config.json", r"config.json is a file: pass the checkpoint folder \(the one that holds config"),
         ("empty", r"empty is not a converted checkpoint \(no config.json\)"),
         ("truncated", r"vae.safetensors is not a readable safetensors file \(.*\): convert the checkpoint again$"),
+        ("prx", r"prx is a diffusers pipeline, not a converted checkpoint: run python convert_weights.py .*prx OUT$"),
+        ("prx/transformer", r"transformer is one model of a diffusers pipeline, not a converted checkpoint: run"),
+        ("prx/text_encoder", r"text_encoder is one model of a diffusers pipeline, not a converted checkpoint: run"),
     ],
 )
-def test_a_weights_path_that_is_no_checkpoint_says_what_it_is_and_what_to_do(mirage_flux, tmp_path, name, message):
+def test_a_weights_path_that_is_no_checkpoint_says_what_it_is_and_what_to_do(
+    mirage_flux, prx_flux, tmp_path, name, message
+):
+    shutil.copytree(prx_flux, tmp_path / "prx")
     shutil.copytree(mirage_flux, tmp_path / "checkpoint")
     (tmp_path / "empty").mkdir()
     vae = shutil.copytree(mirage_flux, tmp_path / "truncated") / "vae.safetensors"
