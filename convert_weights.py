@@ -487,6 +487,7 @@ def write_checkpoint(out: Path, config: MirageConfig, weights: dict, tokenizer_m
         tmp.mkdir()
         for name, state in weights.items():
             state = {k: cast(v, dtype).contiguous() for k, v in state.items()}
+            check_finite(name, weights[name], state)
             save_file(state, tmp / f"{name}.safetensors", metadata={"format": "pt"})
             os.chmod(tmp / f"{name}.safetensors", new_file_mode())
         (tmp / "tokenizer.model").write_bytes(tokenizer_model)
@@ -556,6 +557,18 @@ def running(pid: int) -> bool:
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def check_finite(name: str, source: dict, stored: dict) -> None:
+    """Refuse a weight that holds inf or NaN once stored, before anything is written: run, it would make every image
+    NaN, found only after a whole generation. Either the source holds them, or --dtype fp16 overflowed."""
+    for key, tensor in stored.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if not torch.isfinite(source[key]).all():
+                raise CheckpointError(f"the {name} weight {key} holds inf or NaN in the source: {REFETCH}")
+            largest = source[key].abs().max().item()
+            raise CheckpointError(f"the {name} weight {key} holds values up to {largest:.3g}, beyond "
+                                  f"{dtype_name(tensor.dtype)}'s range: convert with another --dtype")  # fmt: skip
 
 
 def describe(config: MirageConfig, weights: dict, dtype, distilled: str | None, defaulted: list[str]) -> list[str]:

@@ -228,6 +228,18 @@ def edit_json(relative: str, **changes):
     return edit
 
 
+def set_transformer_weight(value: float):
+    """An edit for broken_copy: one value of the transformer's txt_in.weight."""
+
+    def edit(folder: Path):
+        path = folder / "transformer/diffusion_pytorch_model.safetensors"
+        weights = load_file(path)
+        weights["txt_in.weight"][0, 0] = value
+        save_file(weights, path)
+
+    return edit
+
+
 def shrink_text_vocabulary(folder: Path):
     """The text encoder's config says 100 ids, the tokenizer makes 800: caught before the weights are compared."""
     path = folder / "text_encoder/config.json"
@@ -292,6 +304,10 @@ def broken(edit):
          r"prx.pt is not a readable torch checkpoint \(\w+: [^\n]*\): download or copy it again$"),
         (lambda src, tmp: [src, "--transformer", save_pickle(tmp / "prx.pt", [torch.ones(1)])],
          "prx.pt does not hold a state dict of tensors: pass the transformer's weights file"),
+        (lambda src, tmp: [broken_copy(src, tmp, set_transformer_weight(1e6)), "--dtype", "fp16"],
+         r"the transformer weight txt_in.weight holds values up to 1e\+06, beyond float16's range: convert with another"),
+        (broken(set_transformer_weight(float("nan"))),
+         "the transformer weight txt_in.weight holds inf or NaN in the source: download or copy it again$"),
         (lambda src, tmp: ["--vae", src / "vae"], "no transformer found: pass --transformer PATH"),  # OUT, a part flag
         (lambda src, tmp: [src, "--transformer", src.parent / "prx-dcae/transformer"], "latent channels"),
         (lambda src, tmp: [src, "--text-encoder", src / "vae"], "text_encoder|T5Gemma|model_type"),
