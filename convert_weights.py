@@ -452,7 +452,8 @@ def check_weights(config: MirageConfig, weights: dict[str, dict]) -> None:
         model_class, model_config = component(config, name)
         with torch.device("meta"):
             model = model_class(model_config)
-        check_state_dict(model, weights[name], source=f"the {name} state dict")
+        check_state_dict(model, weights[name], f"the {name} state dict",
+                         remedy="check that its weights and config.json come from one model, or download them again")
 
 
 def check_out(out: Path, force: bool) -> None:

@@ -8,6 +8,7 @@ missing, unexpected or misshapen key is an error that names it.
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -43,14 +44,31 @@ def read_safetensors(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: convert a checkpoint first (python convert_weights.py SRC OUT)")
-    try:
-        with safe_open(path, "pt"):  # validates the header and the data offsets
-            pass
-        data_start, header = _safetensors_header(path)
+    with _reading(path, remedy):
+        data_start, header = _validated_header(path)
         stored = {_STORED[entry["dtype"]] for entry in header.values()}
         if dtype is None or all(t == dtype or not t.is_floating_point for t in stored):
             return load_file(path, device=str(device))
         return _read_converted(path, data_start, header, torch.device(device), dtype)
+
+
+def check_file(make: Callable[[], nn.Module], path: Path) -> None:
+    """Check the names, shapes and dtypes of a safetensors file against `make()` from the file's header alone, with
+    no tensor read: a file that does not belong to the checkpoint fails when it is opened, not at its first use,
+    perhaps after minutes of sampling."""
+    with _reading(path, RECONVERT):
+        _, header = _validated_header(path)
+        tensors = {k: torch.empty(e["shape"], dtype=_STORED[e["dtype"]], device="meta") for k, e in header.items()}
+    with torch.device("meta"):
+        model = make()
+    check_state_dict(model, tensors, str(path))
+
+
+@contextmanager
+def _reading(path: Path, remedy: str):
+    """Report what reading the safetensors file `path` raises as a CheckpointError that names it and what to do."""
+    try:
+        yield
     except (SafetensorError, OSError, ValueError, KeyError) as err:
         raise _unreadable(path, err, remedy) from None
     except torch.OutOfMemoryError:
@@ -70,9 +88,16 @@ _STORED = {
 }  # fmt: skip
 
 
+def _validated_header(path: Path) -> tuple[int, dict]:
+    """`_safetensors_header` of a file that safetensors has checked: its header and its data offsets."""
+    with safe_open(path, "pt"):
+        pass
+    return _safetensors_header(path)
+
+
 def _safetensors_header(path: Path) -> tuple[int, dict]:
     """-> (offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file (unvalidated:
-    `read_safetensors` has safetensors check the file first)."""
+    see `_validated_header`)."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")  # the file starts with its header's length, a little-endian u64
         header = json.loads(f.read(size))
@@ -137,9 +162,11 @@ def read_config(folder: str | Path) -> MirageConfig:
         raise CheckpointError(f"{path} is not a valid mirage config ({err}): convert the checkpoint again") from None
 
 
-def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def check_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint", remedy: str = RECONVERT
+) -> None:
     """Raise a CheckpointError naming missing, unexpected, misshapen and non-float keys (up to five of each, with
-    their count)."""
+    their count), and the `remedy`."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -160,7 +187,7 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
         if keys
     ]
     if problems:
-        raise CheckpointError(f"{source} does not fit the {type(model).__name__} config: " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not fit the {type(model).__name__} config: {'; '.join(problems)}: {remedy}")
 
 
 def build_model(

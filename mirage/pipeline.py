@@ -21,6 +21,7 @@ import logging
 import math
 import numbers
 import operator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 from . import lora, memory
 from .autoencoder import decode_latents, to_unit_range
 from .configs import MirageConfig
-from .loading import CheckpointError, load_model, loaded_bytes, read_config
+from .loading import CheckpointError, check_file, load_model, loaded_bytes, read_config
 from .precision import DTYPES, dtype_name, run_dtype
 from .prompt_cleaning import basic_clean, clean_prompt
 from .sampling import denoise, flow_match_sigmas, require_cuda
@@ -276,6 +277,9 @@ class MiragePipeline:
         if dtype not in (None, *DTYPES.values()):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or their torch dtypes, got {dtype!r}")
         tokenizer = load_tokenizer(folder / "tokenizer.model", config, source=str(folder / "tokenizer.model"))
+        for name in COMPONENTS:  # from the files' headers: a file of another checkpoint fails now, not minutes later
+            model_class, model_config = component(config, name)
+            check_file(partial(model_class, model_config), folder / f"{name}.safetensors")
         dtype = run_dtype(MirageTransformer, dtype or default_dtype(device), device)
         return cls(folder, config, tokenizer, device, dtype, offload, keep_text_encoder, compile, cuda_graph)
 

@@ -329,7 +329,8 @@ def test_mismatched_weights_name_the_keys(prx_flux, tmp_path):
         del weights["txt_in.bias"]
         save_file(weights, path)
 
-    with pytest.raises(CheckpointError, match=r"txt_in\.bias.*blocks\.0\.gate_proj\.weight \(127, 64\)"):
+    with pytest.raises(CheckpointError, match=r"txt_in\.bias.*blocks\.0\.gate_proj\.weight \(127, 64\).*: check that its "
+                                              "weights and config.json come from one model, or download them again$"):
         convert(broken_copy(prx_flux, tmp_path, drop_a_key), tmp_path / "out")
 
 

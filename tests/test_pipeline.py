@@ -507,6 +507,15 @@ def test_a_tokenizer_that_does_not_fit_is_refused_on_opening(mirage_flux, tmp_pa
         MiragePipeline.from_pretrained(folder, device="cpu")
 
 
+def test_a_weights_file_of_another_checkpoint_is_refused_on_opening(mirage_flux, mirage_dcae, tmp_path):
+    """Checked from the files' headers when the folder is opened: not after a whole generation, at the decode."""
+    folder = shutil.copytree(mirage_flux, tmp_path / "checkpoint")
+    shutil.copy(mirage_dcae / "vae.safetensors", folder / "vae.safetensors")
+    with pytest.raises(CheckpointError, match=r"vae.safetensors does not fit the FluxVAE config: missing keys: .*: "
+                                              "convert the checkpoint again$"):  # fmt: skip
+        MiragePipeline.from_pretrained(folder, device="cpu")
+
+
 @pytest.mark.parametrize(
     "part, key, value, message",
     [

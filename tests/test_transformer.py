@@ -197,7 +197,7 @@ def test_a_state_dict_that_does_not_fit_names_five_keys_of_each_kind_with_their_
         build_model(lambda: MirageTransformer(EXTRAS_TINY), state_dict, source="a.safetensors")
     assert str(err.value) == (
         f"a.safetensors does not fit the MirageTransformer config: missing keys: {', '.join(missing)} (5 in all); "
-        f"unexpected keys: {', '.join(unexpected[:5])} ... (6 in all)"
+        f"unexpected keys: {', '.join(unexpected[:5])} ... (6 in all): convert the checkpoint again"
     )
 
 
@@ -223,7 +223,7 @@ def test_a_state_dict_error_sorts_key_names_and_keeps_the_models_order_of_shapes
     assert str(err.value) == (
         f"b.safetensors does not fit the MirageTransformer config: missing keys: {', '.join(sorted(missing))} "
         f"(2 in all); unexpected keys: extra.0, extra.1, extra.2 (3 in all); wrong shapes: {', '.join(shapes)} ... "
-        f"(6 in all); not floating point: {not_float} (int32) (1 in all)"
+        f"(6 in all); not floating point: {not_float} (int32) (1 in all): convert the checkpoint again"
     )
 
 
