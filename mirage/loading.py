@@ -187,7 +187,8 @@ def check_state_dict(
         if keys
     ]
     if problems:
-        raise CheckpointError(f"{source} does not fit the {type(model).__name__} config: {'; '.join(problems)}: {remedy}")
+        raise CheckpointError(f"{source} does not fit the {type(model).__name__} config: {'; '.join(problems)}: "
+                              f"{remedy}")  # fmt: skip
 
 
 def build_model(
