@@ -34,6 +34,8 @@ class GemmaTokenizer:
             sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
         except RuntimeError as err:  # sentencepiece reports an unparsable model as an INTERNAL error
             raise ValueError(f"not a SentencePiece model ({err})") from None
+        if sp.get_piece_size() == 0:  # an empty file parses as a model with nothing in it
+            raise ValueError("not a SentencePiece model (it holds no pieces)")
         _check_gemma_normalizer(sp)
         typed = _typed_pieces(proto)  # SentencePiece's Python API does not say which pieces are user-defined
         self._sp = sentencepiece.SentencePieceProcessor(model_proto=_user_defined_as_normal(proto, typed, sp))

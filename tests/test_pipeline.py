@@ -492,6 +492,7 @@ def test_nan_weights_stop_the_pipeline_naming_the_model(mirage_flux, tmp_path):
     "model, message",
     [
         (b"not a model", "tokenizer.model: not a SentencePiece model .*: use the model's own tokenizer$"),
+        (b"", r"tokenizer.model: not a SentencePiece model \(it holds no pieces\): use the model's own tokenizer$"),
         ("other", "tokenizer.model has 800 pieces, but the text encoder embeds only 100: the tokenizer belongs"),
     ],
 )
