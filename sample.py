@@ -74,7 +74,7 @@ class Options:
 
 
 def parse_options(argv=None) -> Options:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = mirage.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(Options):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:

@@ -3,10 +3,19 @@
 This file holds what `sample.py` and `convert_weights.py` share before they import torch; the model's parts
 are the package's modules (see the README's file guide)."""
 
+import argparse
 import os
 import signal
 import tempfile
 from pathlib import Path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with each error in one line, like the scripts' other errors: the usage block argparse prints
+    first would push the message under a screenful of flags."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def use_huge_pages() -> None:

@@ -61,6 +61,8 @@ def test_writes_pngs_with_their_settings(mirage_flux, tmp_path):
         (["--prompt", "caf\udce9"], "--prompt holds bytes that are not UTF-8"),
         (["--device", "meta"], "device 'meta' is not one mirage runs on"),
         (["--device", "bogus"], "device 'bogus' is not one mirage runs on: use cuda, mps or cpu"),  # not torch's list
+        (["--dtype", "f32"], "argument --dtype: invalid choice: 'f32'"),  # argparse's errors: one line too
+        (["--steps", "abc"], "argument --steps: invalid int value: 'abc' (see --help)"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(mirage_flux, tmp_path, args, message):
