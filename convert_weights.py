@@ -606,7 +606,9 @@ def defaults_note(flags: list[str]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = mirage.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = mirage.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("src", nargs="?", help="diffusers-layout folder or Hub repo id (optional with the part flags)")
     parser.add_argument("out", help="output folder, e.g. weights/prx-512-sft")
     parser.add_argument("--transformer", help="diffusers transformer folder, or an original-codebase .pth/.pt/.safetensors")

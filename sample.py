@@ -13,7 +13,6 @@ Unset sampling settings come from the checkpoint's config.json (28 steps and gui
 guidance 1 for distilled checkpoints). Every PNG carries its prompt and settings in its text metadata.
 """
 
-import argparse
 import math
 import os
 import random
