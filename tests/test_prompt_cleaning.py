@@ -44,6 +44,11 @@ NASTY = [
     "emoji 😀🎨 and ǅ ß İ ﬁ",
     "\x00null\x7fdel\u200bzero-width",
     "a (b) [c] {d} |e| \\f/ *g* ~h~ §i ¿j? ¡k! ©l ®m ™n •o ·p ½q",
+    # where a rule's exact form shows: the shortest hashtag removed (5 digits); full-width underscores, which ftfy
+    # turns into "_" only after the split of > 3 joiners has looked; an IP address inside a word (becomes a space)
+    "tag #12345 here",
+    "a＿b＿c＿d＿e",
+    "a1.2.3.4b",
     # each at the edge of a rule: 3 joiners (kept), 6 digits, 2 dots, the last top-level domain listed, doubly
     # escaped HTML beside a "<" (which stops ftfy's own unescaping, so both html.unescape passes show)
     "a-b-c-d",
