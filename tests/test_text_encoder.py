@@ -1,5 +1,6 @@
 """The T5Gemma encoder against transformers' `T5GemmaEncoder`, and its config against transformers' config classes."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -210,6 +211,20 @@ def test_parity_with_padding_on_either_side():
 def test_norms_match_reference_where_eps_matters():
     ref, ours = tiny_pair(seed=4)
     assert assert_norms_match(ours, ref) == 4 * ours.config.num_hidden_layers + 1  # 4 per layer, and the final norm
+
+
+def test_norms_round_as_the_reference_in_bf16():
+    """Gemma's norm scales by (1 + w) in fp32 and casts back last (Llama's casts first, then scales): only half
+    precision shows the order, and the whole-model bf16 test below measures both sides against fp32."""
+    ref, ours = tiny_pair(seed=5)
+    ref_layers = dict(ref.named_modules())
+    norms = [(name, m) for name, m in ours.named_modules() if "Norm" in type(m).__name__]
+    gen = torch.Generator().manual_seed(0)
+    for name, norm in norms:
+        ref_norm = copy.deepcopy(ref_layers[name]).bfloat16()
+        x = (torch.randn(2, 5, norm.weight.shape[0], generator=gen) * 3).bfloat16()
+        assert torch.equal(copy.deepcopy(norm).bfloat16()(x), ref_norm(x)), name
+    assert len(norms) == 4 * ours.config.num_hidden_layers + 1
 
 
 def test_bf16_is_as_accurate_as_the_reference_bf16():
