@@ -149,6 +149,21 @@ def test_norms_match_reference_where_eps_matters(tiny_pair):
 
 
 @torch.no_grad()
+def test_attention_matches_the_reference_where_eps_matters(tiny_pair):
+    """At inputs of size 1e-3 the ReLU kernel's normaliser is small enough for its eps to show; the whole-model
+    tests, at activations of size ~1, cannot tell 1e-15 from 1e-6."""
+    ref, ours = tiny_pair
+    ref_layers = dict(ref.named_modules())
+    layers = [(name, m) for name, m in ours.named_modules() if isinstance(m, vae_dcae.MultiscaleReLUAttention)]
+    gen = torch.Generator().manual_seed(4)
+    for name, attention in layers:
+        for h, w in ((8, 8), (2, 2)):  # more positions than the head dim (the linear form), then fewer (quadratic)
+            x = 1e-3 * torch.randn(2, attention.to_q.in_features, h, w, generator=gen)
+            assert_parity(attention(x), ref_layers[name](x))
+    assert layers
+
+
+@torch.no_grad()
 def test_tiny_sizes_reach_both_attention_forms(tiny_pair, monkeypatch):
     """The parity sizes run the linear form and the quadratic one, in the encoder and in the decoder."""
     calls = []
