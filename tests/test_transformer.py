@@ -184,7 +184,8 @@ def test_reference_checkpoint_folder_loads_strictly(tmp_path):
     latents, sigma, text, mask = inputs(config)
     assert_parity(ours(latents, sigma, ours.encode_text(text, mask)), ref_forward(ref, latents, sigma, text, mask))
     state_dict["txt_in.weight"] = state_dict["txt_in.weight"].int()
-    with pytest.raises(CheckpointError, match=r"not floating point: txt_in\.weight \(int32\) \(1 in all\): convert the checkpoint again$"):
+    message = r"not floating point: txt_in\.weight \(int32\) \(1 in all\): convert the checkpoint again$"
+    with pytest.raises(CheckpointError, match=message):
         build_model(lambda: MirageTransformer(config), state_dict)
 
 
