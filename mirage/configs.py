@@ -131,7 +131,7 @@ class TextEncoderConfig:
         sizes = (self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.head_dim)
         scales = (self.rms_norm_eps, self.query_pre_attn_scalar, self.rope_theta)
         if min(sizes) < 1 or self.num_key_value_heads < 1 or min(scales) <= 0:
-            raise ValueError(f"sizes, heads, rms_norm_eps, query_pre_attn_scalar and rope_theta must be positive: {self}")
+            raise ValueError(f"sizes, heads, eps, query_pre_attn_scalar and rope_theta must be positive: {self}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}"

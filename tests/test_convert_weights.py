@@ -305,7 +305,7 @@ def broken(edit):
         (lambda src, tmp: [src, "--transformer", save_pickle(tmp / "prx.pt", [torch.ones(1)])],
          "prx.pt does not hold a state dict of tensors: pass the transformer's weights file"),
         (lambda src, tmp: [broken_copy(src, tmp, set_transformer_weight(1e6)), "--dtype", "fp16"],
-         r"the transformer weight txt_in.weight holds values up to 1e\+06, beyond float16's range: convert with another"),
+         r"the transformer weight txt_in.weight holds values up to 1e\+06, beyond float16's range: convert with"),
         (broken(set_transformer_weight(float("nan"))),
          "the transformer weight txt_in.weight holds inf or NaN in the source: download or copy it again$"),
         (lambda src, tmp: ["--vae", src / "vae"], "no transformer found: pass --transformer PATH"),  # OUT, a part flag
