@@ -39,9 +39,10 @@ def decode_latents(
     raw = latents / vae.config.scaling_factor + vae.config.shift_factor  # [B, C, h, w]
     raw = raw.to(_param_dtype(vae))
     f = vae.spatial_compression
+    decode = _one_image_at_a_time(vae.decode)
     if _use_tiles(tiled, raw.shape[-2:], f, tile_pixels):
-        return _blend_tiles(vae.decode, raw, 1, f, *_tile_cells(f, tile_pixels))  # [B, 3, f*h, f*w]
-    return vae.decode(raw)  # [B, 3, f*h, f*w]
+        return _blend_tiles(decode, raw, 1, f, *_tile_cells(f, tile_pixels))  # [B, 3, f*h, f*w]
+    return decode(raw)  # [B, 3, f*h, f*w]
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -68,11 +69,19 @@ def images_to_latents(
         raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of the VAE's compression {f}")
     pixels = (images * 2 - 1).to(_param_dtype(vae))  # [-1, 1], the range the encoder was trained on
     grid = (images.shape[-2] // f, images.shape[-1] // f)
+    encode = _one_image_at_a_time(vae.encode)
     if _use_tiles(tiled, grid, f, tile_pixels):
-        raw = _blend_tiles(vae.encode, pixels, f, 1, *_tile_cells(f, tile_pixels))  # [B, C, h, w]
+        raw = _blend_tiles(encode, pixels, f, 1, *_tile_cells(f, tile_pixels))  # [B, C, h, w]
     else:
-        raw = vae.encode(pixels)  # [B, C, h, w]
+        raw = encode(pixels)  # [B, C, h, w]
     return (raw - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def _one_image_at_a_time(code: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`code` run on each image of a batch in turn, so a VAE's activations stay those of one image however many
+    there are; batching gains a VAE little. Four 512 px Flux VAE decodes in bf16 on a 2-core CPU peaked at 0.75 GB
+    RSS in 27.6 s one by one, at 1.94 GB in 28.6 s as a batch."""
+    return lambda x: torch.cat([code(one) for one in x.split(1)])  # [B, ...]
 
 
 def _param_dtype(vae: nn.Module) -> torch.dtype:

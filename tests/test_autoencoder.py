@@ -74,6 +74,24 @@ def test_latents_to_images_is_prx_post_processing():
     assert_parity(decode_latents(ours, latents), decoded)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("tiles", [{}, {"tiled": True, "tile_pixels": 16}], ids=["whole", "tiled"])
+def test_a_batch_is_coded_one_image_at_a_time(tiles, monkeypatch):
+    """The VAE sees one image per call, so a batch takes the activation memory of one image, and each image comes
+    out exactly as it would alone."""
+    ours, _ = tiny_pair()
+    batch_sizes = []
+    for name in ("encode", "decode"):
+        monkeypatch.setattr(ours, name, lambda x, code=getattr(ours, name): batch_sizes.append(len(x)) or code(x))
+    gen = torch.Generator().manual_seed(0)
+    latents, images = torch.randn(3, 16, 7, 10, generator=gen), torch.rand(3, 3, 28, 40, generator=gen)
+    decoded, encoded = decode_latents(ours, latents, **tiles), images_to_latents(ours, images, **tiles)
+    assert set(batch_sizes) == {1}
+    for i in range(3):
+        assert torch.equal(decoded[i : i + 1], decode_latents(ours, latents[i : i + 1], **tiles))
+        assert torch.equal(encoded[i : i + 1], images_to_latents(ours, images[i : i + 1], **tiles))
+
+
 def test_unit_range_clamps_as_the_image_processor_does():
     """A decoder overshoots [-1, 1] on real images: the pixels saturate (unclamped, to_pil would wrap around)."""
     decoded = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
