@@ -9,7 +9,7 @@ import types
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
-def check_types(config) -> None:
+def _check_types(config) -> None:
     """Refuse a field whose value does not have its annotated type (ints for ints, finite numbers for floats;
     lists stand for tuples, as JSON has no tuples): config.json files are edited by hand, and 64.0 as a width or
     "x" as a base would otherwise fail deep inside torch, long after loading."""
@@ -54,7 +54,7 @@ class TransformerConfig:
     resolution_embeds: bool = False  # add an embedding of the latent (H, W) to the timestep vector
 
     def __post_init__(self):
-        check_types(self)
+        _check_types(self)
         sizes = (self.in_channels, self.patch_size, self.context_in_dim, self.hidden_size, self.num_heads, self.depth)
         if min(sizes) < 1 or self.mlp_ratio <= 0 or (self.bottleneck_size is not None and self.bottleneck_size < 1):
             raise ValueError(f"sizes, mlp_ratio and bottleneck_size must be positive: {self}")
@@ -126,7 +126,7 @@ class TextEncoderConfig:
     layer_types: tuple[str, ...] = alternating_layer_types(26)
 
     def __post_init__(self):
-        check_types(self)
+        _check_types(self)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         sizes = (self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.head_dim)
         scales = (self.rms_norm_eps, self.query_pre_attn_scalar, self.rope_theta)
@@ -197,7 +197,7 @@ class TokenizerConfig:
     pad_token: str = "<pad>"
 
     def __post_init__(self):
-        check_types(self)
+        _check_types(self)
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.model_max_length < 1 + self.add_bos_token + self.add_eos_token:
@@ -301,7 +301,7 @@ class FluxVAEConfig:
     shift_factor: float = 0.1159
 
     def __post_init__(self):
-        check_types(self)
+        _check_types(self)
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         if not self.block_out_channels:
             raise ValueError("block_out_channels must name at least one level")
@@ -417,7 +417,7 @@ class DCAEConfig:
     shift_factor: float = 0.0
 
     def __post_init__(self):
-        check_types(self)
+        _check_types(self)
         for name in ("encoder_block_types", "decoder_block_types", "encoder_block_out_channels",
                      "decoder_block_out_channels", "encoder_layers_per_block", "decoder_layers_per_block",
                      "decoder_norm_types", "decoder_act_fns"):  # fmt: skip
@@ -526,7 +526,7 @@ class SamplingConfig:
     default_sample_size: int = 512  # the resolution the checkpoint was trained at (256, 512 or 1024)
 
     def __post_init__(self):
-        check_types(self)
+        _check_types(self)
         if not (0 < self.shift < math.inf) or self.num_train_timesteps < 1:
             raise ValueError(
                 f"shift must be finite and > 0 and num_train_timesteps >= 1, got {self.shift}, {self.num_train_timesteps}"
