@@ -443,6 +443,7 @@ class MiragePipeline:
         steps = len(sigmas) if sigmas is not None else steps
         guidance_scale = sampling.guidance_scale if guidance_scale is None else guidance_scale
         request = (height or sampling.default_sample_size, width or sampling.default_sample_size)
+        _check_text_source(prompt, negative_prompt, prompt_mask, negative_prompt_embeds, negative_prompt_mask)
         prompt, negative_prompt, batch = self._check_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, request=request,
             binning=use_resolution_binning, steps=steps, guidance_scale=guidance_scale,
@@ -618,6 +619,20 @@ def _checked_sigmas(sigmas, num_inference_steps) -> list[float] | None:
     if num_inference_steps is not None and num_inference_steps != len(values):
         raise ValueError(f"got {len(values)} sigmas and num_inference_steps={num_inference_steps}: pass one of them")
     return values
+
+
+def _check_text_source(prompt, negative_prompt, prompt_mask, negative_prompt_embeds, negative_prompt_mask) -> None:
+    """Text comes as prompts or as embeddings: what the other way is passed beside them would go unused (diffusers
+    drops it silently)."""
+    if prompt is not None:
+        given = {"prompt_mask": prompt_mask, "negative_prompt_embeds": negative_prompt_embeds,
+                 "negative_prompt_mask": negative_prompt_mask}  # fmt: skip
+        unused = [name for name, value in given.items() if value is not None]
+        if unused:
+            verb = "goes" if len(unused) == 1 else "go"
+            raise ValueError(f"{' and '.join(unused)} {verb} with prompt_embeds: with prompt, pass negative_prompt")
+    elif negative_prompt and any([negative_prompt] if isinstance(negative_prompt, str) else negative_prompt):
+        raise ValueError("negative_prompt goes with prompt: with prompt_embeds, pass negative_prompt_embeds")
 
 
 def _checked_seed(seed, generator: torch.Generator | None, latents: torch.Tensor | None) -> int | list[int] | None:

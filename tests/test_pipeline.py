@@ -408,9 +408,18 @@ def test_inf_or_nan_names_the_model_and_what_to_try(dtype, advice):
         (dict(prompt_embeds=torch.zeros(4, 32)), r"prompt_embeds must be \[B >= 1, L, 32\], got \(4, 32\)"),
         (dict(prompt_embeds=torch.zeros(1, 4, 32), negative_prompt_embeds=torch.zeros(1, 4, 33)),
          r"negative_prompt_embeds must be \[B >= 1, L, 32\], got \(1, 4, 33\)"),
+        # text as prompts and as embeddings at once: one of the two would go unused
+        (dict(prompt="a cat", negative_prompt_embeds=torch.zeros(1, 4, 32), negative_prompt_mask=torch.ones(1, 4)),
+         "^negative_prompt_embeds and negative_prompt_mask go with prompt_embeds: with prompt, pass negative_prompt$"),
+        (dict(prompt="a cat", prompt_mask=torch.ones(1, 4)), "^prompt_mask goes with prompt_embeds"),
+        (dict(prompt_embeds=torch.zeros(1, 4, 32), negative_prompt=["blurry"],
+              negative_prompt_embeds=torch.zeros(1, 4, 32)),
+         "^negative_prompt goes with prompt: with prompt_embeds, pass negative_prompt_embeds$"),
     ],
 )  # fmt: skip
-def test_given_embeddings_of_the_wrong_shape_are_refused_first(ours_flux, kwargs, message, monkeypatch):
+def test_given_embeddings_of_the_wrong_shape_or_beside_prompts_are_refused_first(
+    ours_flux, kwargs, message, monkeypatch
+):
     assert ours_flux.config.transformer.context_in_dim == 32
     monkeypatch.setattr(ours_flux, "text_conditioning", None)
     with pytest.raises(ValueError, match=message):
