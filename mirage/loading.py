@@ -71,7 +71,7 @@ def _reading(path: Path, remedy: str):
         yield
     except (SafetensorError, OSError, ValueError, KeyError) as err:
         raise _unreadable(path, err, remedy) from None
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # the name torch 2.4 has too
         raise  # loading onto a GPU without room: torch's message says so
     except RuntimeError as err:  # safe_open could not map the file: out of memory or address space, not a bad file
         raise CheckpointError(f"{path} could not be mapped into memory ({err}): free memory and try again") from None
