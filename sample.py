@@ -188,9 +188,11 @@ def claim(paths: list[Path], options: Options) -> list[Path]:
                 path.open("xb").close()
                 made.append(path)
             return paths
-        except FileExistsError:
+        except BaseException as err:  # a name taken meanwhile, a folder that refuses, Ctrl-C: no empty file stays
             for made_path in made:
                 made_path.unlink()
+            if not isinstance(err, FileExistsError):
+                raise
             if options.output is not None:
                 taken = f"{path} was written meanwhile by something else"
                 raise FileExistsError(f"{taken}: choose another --output") from None
@@ -226,6 +228,7 @@ def main(argv=None) -> None:
         use_resolution_binning=not options.no_binning,
         callback=trajectory,
     )
+    # --output is left out: it is each file's own name (with _1, _2 ... after the first), and a Path is no JSON
     settings = {**run_settings(options, weights, pipe), "seed": seed, "output": None, **used}
     strips = trajectory.strips(pipe, images[0].height, images[0].width) if trajectory else []
     paths = claim(paths, options)

@@ -159,6 +159,23 @@ def test_bad_flags_are_refused_before_anything_is_read(args, message):
         sample.parse_options(args)
 
 
+def test_a_claim_stopped_partway_leaves_no_empty_file(tmp_path, monkeypatch):
+    import sample
+
+    paths = [tmp_path / "cat.png", tmp_path / "cat_1.png"]
+    open_file = Path.open
+
+    def stopped_at_the_second(path, *args, **kwargs):  # Ctrl-C, or a folder that refuses the second name
+        if path == paths[1]:
+            raise KeyboardInterrupt
+        return open_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        sample.claim(paths, sample.Options(prompt="a cat", output=paths[0], num_images=2))
+    assert not list(tmp_path.iterdir())
+
+
 def test_output_names_in_capitals_and_links_to_nothing(tmp_path):
     import sample
 
