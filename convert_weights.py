@@ -125,10 +125,15 @@ def resolve_source(spec: str, files: list[str]) -> Path:
     try:
         return Path(snapshot_download(spec, allow_patterns=files))
     except Exception as err:  # huggingface_hub raises many types (no such repo, offline, ...); all mean the same here
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err) or type(err).__name__
         raise CheckpointError(
             f"{spec} is not a local path, and downloading it from the Hub failed ({reason}): check the path or repo id"
         ) from None
+
+
+def first_line(err: Exception) -> str:
+    """The first line of an error's message ("" for none): libraries' errors can run to paragraphs."""
+    return next(iter(str(err).strip().splitlines()), "")
 
 
 def read_json(path: Path) -> dict:
@@ -216,7 +221,7 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a torch pickle of plain tensors (safe loading refused it): {REFETCH}, "
                               "or save its state dict with safetensors") from None  # fmt: skip
     except Exception as err:  # torch raises many types for a damaged file; all mean the same to the user
-        detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}" if str(err).strip() else type(err).__name__
+        detail = f"{type(err).__name__}: {first_line(err)}" if first_line(err) else type(err).__name__
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({detail}): {REFETCH}") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
