@@ -20,13 +20,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from mirage.configs import PRX_DCAE, PRX_FLUX  # noqa: E402
+from mirage.configs import PRX_DCAE, PRX_FLUX, VAE_TYPES  # noqa: E402
 
 # The oracles (diffusers, transformers) and the converter are imported only when a checkpoint is built: the
 # benchmark's workers for our side import this module too, and the oracles would add ~200 MB to their RSS.
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mirage-bench"
-VAE_TYPES = ("flux", "dc-ae")
 HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"  # read by PyTorch's CPU allocator
 
 # The published VAE configs: black-forest-labs/FLUX.1-dev vae/ and mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers.

@@ -11,13 +11,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from checkpoint import DEFAULT_CACHE, VAE_TYPES
+from checkpoint import DEFAULT_CACHE
 
+from mirage.configs import DCAE_SANA_1_1, PRX_DCAE, PRX_FLUX, VAE_TYPES, FluxVAEConfig
 from mirage.loading import load_model
 from mirage.pipeline import as_device, check_device, compile_model
 from mirage.precision import DTYPES, native, run_dtype
 
-PIXEL_MULTIPLE = {"flux": 16, "dc-ae": 32}  # one latent patch in pixels: 8 x 2 (Flux VAE), 32 x 1 (DC-AE)
+PIXEL_MULTIPLE = {  # one latent patch in pixels: 8 x 2 (Flux VAE), 32 x 1 (DC-AE)
+    "flux": FluxVAEConfig().spatial_compression * PRX_FLUX.patch_size,
+    "dc-ae": DCAE_SANA_1_1.spatial_compression * PRX_DCAE.patch_size,
+}
 TOKENIZER_MAX_LENGTH = 256  # PRX's tokenizer_config: the reference pads every prompt to it
 
 

@@ -284,6 +284,11 @@ class MiragePipeline:
         dtype = run_dtype(MirageTransformer, dtype or default_dtype(device), device)
         return cls(folder, config, tokenizer, device, dtype, offload, keep_text_encoder, compile, cuda_graph)
 
+    @property
+    def home(self) -> torch.device:
+        """Where the weights are kept: CPU memory when offloading (parts visit the device to run), else the device."""
+        return torch.device("cpu") if self.offload else self.device
+
     def model(self, name: str) -> nn.Module:
         """The transformer, text encoder or VAE, read from the folder the first time it is asked for."""
         if name not in self.models:
@@ -294,8 +299,7 @@ class MiragePipeline:
         model_class, model_config = component(self.config, name)
         dtype = run_dtype(model_class, self.dtype, self.device)
         path = self.folder / f"{name}.safetensors"
-        home = torch.device("cpu") if self.offload else self.device
-        model = load_model(lambda: model_class(model_config), path, home, dtype)
+        model = load_model(lambda: model_class(model_config), path, self.home, dtype)
         if name == "transformer":
             for state_dict, scale, lora_name, source in self.pending_loras:
                 lora.add_lora(model, state_dict, scale, lora_name, source)
@@ -333,8 +337,7 @@ class MiragePipeline:
         offloading, as the models live there)."""
         keep = self.keep_text_encoder
         if keep is None:
-            home = torch.device("cpu") if self.offload else self.device
-            keep = memory.is_ample(home, sum(map(self.model_bytes, COMPONENTS)))
+            keep = memory.is_ample(self.home, sum(map(self.model_bytes, COMPONENTS)))
         if not keep and self.models.pop("text_encoder", None) is not None:
             gc.collect()  # a compiled module refers to itself (it keeps its compiled call): only a collection frees it
 
