@@ -299,7 +299,7 @@ class MiragePipeline:
         model_class, model_config = component(self.config, name)
         dtype = run_dtype(model_class, self.dtype, self.device)
         path = self.folder / f"{name}.safetensors"
-        model = load_model(lambda: model_class(model_config), path, self.home, dtype)
+        model = load_model(partial(model_class, model_config), path, self.home, dtype)
         if name == "transformer":
             for state_dict, scale, lora_name, source in self.pending_loras:
                 lora.add_lora(model, state_dict, scale, lora_name, source)
