@@ -110,9 +110,24 @@ def available_bytes(device: torch.device) -> int:
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):  # torch >= 2.5
         return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()  # Metal's budget, unused part
-    for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):  # free memory (Linux), else all of it (macOS has only that)
+    # free memory (Linux), else all of it (macOS has only that); no figure (Windows): 0, so memory counts as tight
+    # and the text encoder is freed and read again when needed
+    return _os_memory("SC_AVPHYS_PAGES", "SC_PHYS_PAGES")
+
+
+def total_bytes(device: torch.device) -> int:
+    """All the memory `device` has, free or not (an Apple GPU shares the machine's), or 0 where the OS does not
+    say: what no single call can exceed."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return _os_memory("SC_PHYS_PAGES")
+
+
+def _os_memory(*names: str) -> int:
+    """Bytes from the first of these page counts the OS gives (`os.sysconf` names), or 0."""
+    for name in names:
         try:
             return os.sysconf(name) * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             continue
-    return 0  # no figure (Windows): assume memory is tight, so the text encoder is freed and read again when needed
+    return 0

@@ -456,11 +456,12 @@ class MiragePipeline:
         seed = _checked_seed(seed, generator, latents)
         height, width = nearest_bin(*request, sampling.default_sample_size) if use_resolution_binning else request
         guidance = guidance_scale > 1.0
+        n = batch * num_images_per_prompt
+        self._check_room(n, height, width, guidance)
         embeds, masks = self.text_conditioning(
             prompt, negative_prompt, num_images_per_prompt, guidance, prompt_embeds, prompt_mask,
             negative_prompt_embeds, negative_prompt_mask, skip_text_cleaning,
         )  # fmt: skip
-        n = batch * num_images_per_prompt
         latents = self.initial_latents(n, height, width, seed, generator, latents)  # [N, C, h, w]
         schedule = flow_match_sigmas(steps, sampling.shift, sampling.num_train_timesteps, sigmas)
         with self.running("transformer") as transformer:
@@ -552,6 +553,23 @@ class MiragePipeline:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         check_size(*request, self.config.pixel_multiple, binning)
         return prompt, negative_prompt, batch
+
+    def _check_room(self, n: int, height: int, width: int, guidance: bool) -> None:
+        """Refuse a call that needs more than all of the device's memory before anything runs. On a CPU it would
+        otherwise end with the OS killing the process and no message: memory is overcommitted, so no allocation
+        fails. The bound is what each block's MLP holds at once, two [rows, L_img, mlp_hidden] tensors, with
+        2N rows under guidance: only a lower bound, as the weights and every other activation come on top."""
+        config = self.config.transformer
+        tokens = (height // self.config.pixel_multiple) * (width // self.config.pixel_multiple)
+        rows = 2 * n if guidance else n
+        need = 2 * rows * tokens * config.mlp_hidden_size * self.dtype.itemsize
+        have = memory.total_bytes(self.device)
+        if have and need > have:
+            raise ValueError(
+                f"{n} image{'s' * (n > 1)} of {width}x{height} px at once need at least {need / 2**30:.1f} GiB, more than "
+                f"all {have / 2**30:.1f} GiB of {self.device.type} memory here: make fewer or smaller images per call "
+                "(sample.py: fewer --num-images, or a smaller --batch-size)"
+            )
 
     # ---- LoRA (mirage/lora.py) ----
 

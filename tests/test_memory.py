@@ -230,6 +230,37 @@ def test_each_block_of_a_list_visits_whole_and_leaves_nothing_behind():
     assert replaced() is None
 
 
+def mlp_bytes(pipe, images, side, guidance_scale):
+    """What a call's bound counts: the bytes of one block's MLP gate and up outputs, seen in a real call."""
+    seen = []
+    block = pipe.transformer.blocks[0]
+    for projection in (block.gate_proj, block.up_proj):
+        projection.register_forward_hook(lambda module, args, out: seen.append(out.numel() * out.element_size()))
+    generate(pipe, height=side, width=side, num_images_per_prompt=images, guidance_scale=guidance_scale,
+             use_resolution_binning=False)  # fmt: skip
+    return seen[0] + seen[1]  # the first step's
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_a_call_larger_than_all_memory_is_refused_before_anything_runs(mirage_flux, monkeypatch, guidance_scale):
+    # Left to run, it would be killed by the OS with no message. The bound is what one MLP holds, so a call whose
+    # MLP fits all of memory exactly runs and one a byte short is refused, before any weight is read.
+    need = mlp_bytes(MiragePipeline.from_pretrained(mirage_flux, device="cpu"), 3, 64, guidance_scale)
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
+    monkeypatch.setattr(memory, "total_bytes", lambda device: need - 1)
+    with pytest.raises(ValueError) as refused:
+        generate(pipe, height=64, width=64, num_images_per_prompt=3, guidance_scale=guidance_scale,
+                 use_resolution_binning=False)  # fmt: skip
+    assert str(refused.value).startswith("3 images of 64x64 px at once need at least 0.0 GiB, more than all 0.0 GiB")
+    assert str(refused.value).endswith("(sample.py: fewer --num-images, or a smaller --batch-size)")
+    assert pipe.models == {}
+    monkeypatch.setattr(memory, "total_bytes", lambda device: need)
+    generate(pipe, height=64, width=64, num_images_per_prompt=3, guidance_scale=guidance_scale,
+             use_resolution_binning=False)  # fmt: skip
+    monkeypatch.setattr(memory, "total_bytes", lambda device: 0)  # the OS does not say: no check
+    generate(pipe, height=64, width=64, num_images_per_prompt=300, use_resolution_binning=False)
+
+
 def test_memory_is_ample_beyond_twice_the_weights(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: 3000)
     cpu = torch.device("cpu")
@@ -394,12 +425,13 @@ def test_converting_read_never_holds_the_file_and_its_conversion(tmp_path):
 def test_free_memory_figures_per_device_and_os(monkeypatch):
     """Apple GPUs: Metal's budget for the process, less what it holds. CUDA: its free memory, not its total. CPUs:
     free memory where the OS says (Linux), all of it where it says only that (macOS), none where it says nothing
-    (Windows: the text encoder is freed)."""
+    (Windows: the text encoder is freed). All the memory: CUDA's total, else the machine's (an Apple GPU's too)."""
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 12 << 30, raising=False)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 << 30)
     assert memory.available_bytes(torch.device("mps")) == 10 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 << 30, 80 << 30))  # (free, total)
     assert memory.available_bytes(torch.device("cuda", 1)) == 3 << 30
+    assert memory.total_bytes(torch.device("cuda", 1)) == 80 << 30
     pages = {"SC_AVPHYS_PAGES": 1000, "SC_PHYS_PAGES": 4000, "SC_PAGE_SIZE": 4096}
 
     def sysconf(name):
@@ -409,7 +441,9 @@ def test_free_memory_figures_per_device_and_os(monkeypatch):
 
     monkeypatch.setattr(memory.os, "sysconf", sysconf)
     assert memory.available_bytes(torch.device("cpu")) == 1000 * 4096
+    assert memory.total_bytes(torch.device("cpu")) == memory.total_bytes(torch.device("mps")) == 4000 * 4096
     del pages["SC_AVPHYS_PAGES"]
     assert memory.available_bytes(torch.device("cpu")) == 4000 * 4096
     monkeypatch.delattr(memory.os, "sysconf")
     assert memory.available_bytes(torch.device("cpu")) == 0 and not memory.is_ample(torch.device("cpu"), 1)
+    assert memory.total_bytes(torch.device("cpu")) == 0

@@ -282,6 +282,21 @@ def test_ctrl_c_and_out_of_memory_are_one_line(mirage_flux, tmp_path, how, messa
     assert not (tmp_path / "outputs").exists()
 
 
+def test_more_images_than_memory_can_hold_are_refused_in_one_line(mirage_flux, tmp_path):
+    # Left to run, the OS would kill it with no message. Even the tiny model's MLP would hold 12500 GiB here.
+    result = run_sample(
+        "--prompt", "a cat", "--weights", mirage_flux, "--num-images", 100_000, "--height", 4096, "--width", 4096,
+        "--no-binning", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert re.fullmatch(
+        r"sample.py: error: 100000 images of 4096x4096 px at once need at least 12500.0 GiB, more than all [\d.]+ GiB "
+        r"of cpu memory here: make fewer or smaller images per call \(sample.py: fewer --num-images, or a smaller "
+        r"--batch-size\)\n", result.stderr
+    ), result.stderr  # fmt: skip
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_run_stopped_while_writing_leaves_no_empty_file(mirage_flux, tmp_path, monkeypatch):
     import sample
     from mirage import jobs
