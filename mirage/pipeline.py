@@ -565,9 +565,11 @@ class MiragePipeline:
         need = 2 * rows * tokens * config.mlp_hidden_size * self.dtype.itemsize
         have = memory.total_bytes(self.device)
         if have and need > have:
+            size = f"{width}x{height} px"
+            images = f"{n} images of {size} at once need" if n > 1 else f"one {size} image needs"
             raise ValueError(
-                f"{n} image{'s' * (n > 1)} of {width}x{height} px at once need at least {need / 2**30:.1f} GiB, more than "
-                f"all {have / 2**30:.1f} GiB of {self.device.type} memory here: make fewer or smaller images per call "
+                f"{images} at least {need / 2**30:.1f} GiB, more than all {have / 2**30:.1f} GiB of "
+                f"{self.device.type} memory here: make fewer or smaller images per call "
                 "(sample.py: fewer --num-images, or a smaller --batch-size)"
             )
 

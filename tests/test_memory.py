@@ -257,6 +257,9 @@ def test_a_call_larger_than_all_memory_is_refused_before_anything_runs(mirage_fl
     monkeypatch.setattr(memory, "total_bytes", lambda device: need)
     generate(pipe, height=64, width=64, num_images_per_prompt=3, guidance_scale=guidance_scale,
              use_resolution_binning=False)  # fmt: skip
+    monkeypatch.setattr(memory, "total_bytes", lambda device: 1)
+    with pytest.raises(ValueError, match="^one 64x64 px image needs at least 0.0 GiB, more than all 0.0 GiB of cpu"):
+        generate(pipe, height=64, width=64, use_resolution_binning=False)
     monkeypatch.setattr(memory, "total_bytes", lambda device: 0)  # the OS does not say: no check
     generate(pipe, height=64, width=64, num_images_per_prompt=300, use_resolution_binning=False)
 
