@@ -289,7 +289,7 @@ class World:
             if device.index is not None:
                 raise ValueError(f"with torchrun LOCAL_RANK picks the GPU: pass --device cuda, not {device}")
             device = torch.device("cuda", self.local_rank)
-        check_device(device)
+        check_device(device)  # after LOCAL_RANK picks the GPU, so that --device cuda:N gets the advice above
         return device
 
     def start(self, device: torch.device) -> None:
@@ -473,19 +473,38 @@ def generate(
     outdir.mkdir(parents=True, exist_ok=True)
     if trajectory:
         (outdir / TRAJECTORIES).mkdir(exist_ok=True)
-    bar = tqdm(total=len(items), unit="image", disable=not progress)
     started, written = time.perf_counter(), 0
-    for batch in batches(items, batch_size):
-        first = batch[0]
-        step_bar = tqdm(total=first.steps, unit="step", leave=False, disable=not progress)
-        recorder = Trajectory() if trajectory else None
+    with tqdm(total=len(items), unit="image", disable=not progress) as bar:
+        for batch in batches(items, batch_size):
+            call_started = time.perf_counter()
+            images, strips, sigmas = make_batch(pipe, batch, binning, trajectory, progress)
+            seconds = (time.perf_counter() - call_started) / len(batch)
+            for item, image, strip in zip(batch, images, strips):
+                record = {**asdict(item), "file": item.file, **settings, "seconds": round(seconds, 3)}
+                if strip is not None:
+                    record |= {"trajectory": f"{TRAJECTORIES}/{item.file}", "trajectory_sigmas": sigmas}
+                record["time"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+                write_item(outdir, item, image, strip, record, manifest)
+            written += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{written * 60 / (time.perf_counter() - started):.1f} images/min")
+    return written
+
+
+def make_batch(
+    pipe: MiragePipeline, batch: list[Item], binning: bool, trajectory: bool, progress: bool
+) -> tuple[list[Image.Image], list[Image.Image | None], list[float] | None]:
+    """One pipeline call for items that share a call key, with a progress bar over its steps; -> the images, then
+    with `trajectory` their strips and the sigmas of the strips' frames (else Nones and None)."""
+    first = batch[0]
+    recorder = Trajectory() if trajectory else None
+    with tqdm(total=first.steps, unit="step", leave=False, disable=not progress) as step_bar:
 
         def on_step(*step):  # (step, sigma, latents, velocity)
             step_bar.update()
             if recorder is not None:
                 recorder(*step)
 
-        call_started = time.perf_counter()
         images = pipe(
             [item.prompt for item in batch],
             negative_prompt=[item.negative_prompt for item in batch],
@@ -498,19 +517,8 @@ def generate(
             callback=on_step,
             progress=False,
         )
-        strips = recorder.strips(pipe, first.height, first.width) if recorder else [None] * len(batch)
-        seconds = (time.perf_counter() - call_started) / len(batch)
-        step_bar.close()
-        for item, image, strip in zip(batch, images, strips):
-            record = {**asdict(item), "file": item.file, **settings, "seconds": round(seconds, 3)}
-            if strip is not None:
-                sigmas = [recorder.sigmas[step] for step in recorder.frames()]
-                record |= {"trajectory": f"{TRAJECTORIES}/{item.file}", "trajectory_sigmas": sigmas}
-            record["time"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-            write_item(outdir, item, image, strip, record, manifest)
-        written += len(batch)
-        bar.update(len(batch))
-        bar.set_postfix_str(f"{written * 60 / (time.perf_counter() - started):.1f} images/min")
-    bar.close()
-    return written
+    if recorder is None:
+        return images, [None] * len(batch), None
+    sigmas = [recorder.sigmas[step] for step in recorder.frames()]
+    return images, recorder.strips(pipe, first.height, first.width), sigmas
 

@@ -380,6 +380,21 @@ def test_write_png_leaves_no_truncated_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in path.parent.iterdir()) == ["cat.png"]
 
 
+def test_progress_bars_close_when_a_call_fails(tmp_path):
+    # A bar left open keeps its line on the terminal until it is collected, after the error's message.
+    from tqdm import tqdm
+
+    def fails_at_its_first_step(*args, callback, **kwargs):
+        callback(0, torch.tensor(1.0), torch.zeros(1), torch.zeros(1))
+        raise RuntimeError("out of memory")
+
+    items = [jobs.Item(0, 1, "fox", "a fox", "", 0, 64, 64, 2, 4.0)]
+    open_before = set(tqdm._instances)
+    with pytest.raises(RuntimeError) as failed:
+        jobs.generate(fails_at_its_first_step, items, tmp_path, tmp_path / "manifest", {}, progress=True)
+    assert set(tqdm._instances) == open_before, failed  # the traceback still refers to both bars
+
+
 def test_text_encoder_is_read_once_per_run(mirage_flux, tmp_path, monkeypatch):
     """--prompt frees the text encoder before the transformer is read; a prompts file, which encodes at every
     batch, keeps it where memory is ample (a tiny model: always) instead of reading it again for each batch."""
