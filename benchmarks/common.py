@@ -15,7 +15,7 @@ from checkpoint import DEFAULT_CACHE
 
 from mirage.configs import DCAE_SANA_1_1, PRX_DCAE, PRX_FLUX, VAE_TYPES, FluxVAEConfig
 from mirage.loading import load_model
-from mirage.pipeline import as_device, check_device, compile_model
+from mirage.pipeline import compile_model, pick_device
 from mirage.precision import DTYPES, native, run_dtype
 
 PIXEL_MULTIPLE = {  # one latent patch in pixels: 8 x 2 (Flux VAE), 32 x 1 (DC-AE)
@@ -43,8 +43,7 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     A dtype without native kernels on the device is refused: mirage would run fp32 there (mirage.precision), so
     the measurement would not be of that dtype, and diffusers would run slow emulated kernels."""
     try:
-        device = as_device(args.device)
-        check_device(device)
+        device = pick_device(args.device)
     except ValueError as err:
         parser.error(f"--device {args.device}: {err}")
     if device.type not in ("cpu", "cuda"):

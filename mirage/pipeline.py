@@ -157,6 +157,13 @@ def compile_model(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """The device named (default: cuda, mps, cpu), checked to be one this torch can use."""
+    device = as_device(name) if name is not None else default_device()
+    check_device(device)
+    return device
+
+
 def as_device(name: str | torch.device) -> torch.device:
     """torch.device(name), with check_device's message for a name torch does not know (torch's own lists its
     dozen device types)."""
@@ -270,8 +277,7 @@ class MiragePipeline:
             file = folder / (name if "." in name else f"{name}.safetensors")
             if not file.is_file():
                 raise CheckpointError(f"{file} is missing: convert the checkpoint again (python convert_weights.py)")
-        device = as_device(device) if device is not None else default_device()
-        check_device(device)
+        device = pick_device(device)
         if device.type in ("cpu", "mps"):  # "cpu:0" is the one CPU (and "mps:0" the one Apple GPU), and safetensors
             device = torch.device(device.type)  # before 0.8 knows them only as "cpu" and "mps"
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
