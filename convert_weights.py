@@ -309,8 +309,10 @@ def read_vae(
     if path.is_file():
         if vae_type not in (None, "flux"):
             raise CheckpointError(f"{path} is a single-file VAE, which mirage reads only for the Flux VAE")
-        weights = {rename_bfl_vae_key(k): v for k, v in read_weights_file(path).items()}
-        return "flux", FluxVAEConfig(), squeeze_attention_convs(weights)
+        config = FluxVAEConfig()
+        levels = len(config.block_out_channels)
+        weights = {rename_bfl_vae_key(k, levels): v for k, v in read_weights_file(path).items()}
+        return "flux", config, squeeze_attention_convs(weights)
     raw = read_json(path / "config.json")
     class_name = str(raw.get("_class_name"))
     found = VAE_CLASS_NAMES.get(class_name)
@@ -325,12 +327,12 @@ def read_vae(
     return found, config, read_weights(path, WEIGHT_STEMS["vae"], variant)
 
 
-def rename_bfl_vae_key(key: str) -> str:
+def rename_bfl_vae_key(key: str, levels: int) -> str:
     """BFL numbers `decoder.up.{i}` by resolution level, 0 the full-resolution one (run last); diffusers numbers
-    `up_blocks` in the order they run, lowest resolution first: up.i is up_blocks.(3 - i)."""
+    `up_blocks` in the order they run, lowest resolution first: up.i is up_blocks.(levels - 1 - i)."""
     match = re.fullmatch(r"decoder\.up\.(\d+)\.(.+)", key)
     if match:
-        key = f"decoder.up.{3 - int(match[1])}.{match[2]}"
+        key = f"decoder.up.{levels - 1 - int(match[1])}.{match[2]}"
     for old, new in sorted(BFL_VAE_RENAMES.items(), key=lambda kv: -len(kv[0])):
         key = re.sub(rf"(?<=\.){re.escape(old)}(?=\.)", new, key)
     return key
