@@ -495,7 +495,7 @@ def write_checkpoint(out: Path, config: MirageConfig, weights: dict, tokenizer_m
         tmp.mkdir()
         for name, state in weights.items():
             state = {k: cast(v, dtype).contiguous() for k, v in state.items()}
-            check_finite(name, weights[name], state)
+            check_weights_finite(name, weights[name], state)
             save_file(state, tmp / f"{name}.safetensors", metadata={"format": "pt"})
             os.chmod(tmp / f"{name}.safetensors", new_file_mode())
         (tmp / "tokenizer.model").write_bytes(tokenizer_model)
@@ -567,7 +567,7 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def check_finite(name: str, source: dict, stored: dict) -> None:
+def check_weights_finite(name: str, source: dict, stored: dict) -> None:
     """Refuse a weight that holds inf or NaN once stored, before anything is written: run, it would make every image
     NaN, found only after a whole generation. Either the source holds them, or --dtype fp16 overflowed."""
     for key, tensor in stored.items():
