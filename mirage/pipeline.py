@@ -470,25 +470,36 @@ class MiragePipeline:
         )  # fmt: skip
         latents = self.initial_latents(n, height, width, seed, generator, latents)  # [N, C, h, w]
         schedule = flow_match_sigmas(steps, sampling.shift, sampling.num_train_timesteps, sigmas)
+        latents = self._denoise(latents, schedule, embeds, masks, guidance_scale, callback, progress)
+        if output_type == "latent":
+            return latents
+        return self._images(latents, request if use_resolution_binning else None, output_type)
+
+    def _denoise(self, latents, schedule, embeds, masks, guidance_scale, callback, progress) -> torch.Tensor:
+        """The sampling loop, noise [N, C, h, w] to clean latents [N, C, h, w], checked finite; `denoising` keeps
+        LoRAs from changing meanwhile."""
         with self.running("transformer") as transformer:
             self.denoising = True
             try:
                 context = transformer.encode_text(embeds, masks)  # the text side, once for all steps
                 latents = denoise(
                     transformer, latents, schedule, context, guidance_scale, callback, progress,
-                    cuda_graph=self.cuda_graph, num_train_timesteps=sampling.num_train_timesteps,
+                    cuda_graph=self.cuda_graph, num_train_timesteps=self.config.sampling.num_train_timesteps,
                 )  # fmt: skip
             finally:
                 self.denoising = False
         check_finite(latents, "the transformer's latents", "the weights (convert the checkpoint again) and any huge "
                      "guidance or LoRA scale")  # fmt: skip
-        if output_type == "latent":
-            return latents
+        return latents
+
+    def _images(self, latents: torch.Tensor, request: tuple[int, int] | None, output_type: str):
+        """Decoded latents [N, C, h, w] as `output_type` ("pil", "np" or "pt"), in [0, 1]; resized and cropped to
+        the (height, width) `request` when the latents were generated at a binned size."""
         with self.running("vae") as vae:
             images = decode_latents(vae, latents)  # [N, 3, H', W'] in about [-1, 1]
         check_finite(images, "the VAE's images")
-        if use_resolution_binning:
-            images = resize_and_crop(images, *request)
+        if request is not None:
+            images = resize_and_crop(images, *request)  # [N, 3, H, W]
         images = to_unit_range(images)
         if output_type == "pt":
             return images
