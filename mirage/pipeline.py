@@ -33,7 +33,7 @@ from . import lora, memory
 from .autoencoder import decode_latents, to_unit_range
 from .configs import MirageConfig
 from .loading import CheckpointError, check_file, load_model, loaded_bytes, read_config
-from .precision import DTYPES, dtype_name, run_dtype
+from .precision import DTYPES, dtype_name, pipeline_dtype, run_dtype
 from .prompt_cleaning import basic_clean, clean_prompt
 from .sampling import denoise, flow_match_sigmas, require_cuda
 from .text_encoder import T5GemmaEncoder
@@ -287,7 +287,7 @@ class MiragePipeline:
         for name in COMPONENTS:  # from the files' headers: a file of another checkpoint fails now, not minutes later
             model_class, model_config = component(config, name)
             check_file(partial(model_class, model_config), folder / f"{name}.safetensors")
-        dtype = run_dtype(MirageTransformer, dtype or default_dtype(device), device)
+        dtype = pipeline_dtype(dtype or default_dtype(device), device)
         return cls(folder, config, tokenizer, device, dtype, offload, keep_text_encoder, compile, cuda_graph)
 
     @property

@@ -4,7 +4,8 @@
   activations) and both VAEs (each module gives the evidence). They run in bfloat16,
   float32's range at float16's size, or in float32 where the device has no native bfloat16. The
   transformer runs in float16 when asked.
-- bfloat16 or float16 on a device without native kernels for it becomes float32: there (AVX2-only CPUs)
+- bfloat16 or float16 on a device without native kernels for it becomes float32, for a pipeline's every model
+  (`pipeline_dtype`): there (AVX2-only CPUs)
   PyTorch runs half-precision matrix products and convolutions on reference paths, measured 100-200x
   slower than fp32 for bf16, and a full-width transformer block 3x slower in fp16.
 Every change is logged in one line, once per process.
@@ -32,6 +33,16 @@ def run_dtype(model_class: type, requested: torch.dtype, device: str | torch.dev
         return requested
     _log_once(f"running {model_class.__name__} in {dtype_name(dtype)}: {reason}")
     return dtype
+
+
+def pipeline_dtype(requested: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The dtype a pipeline asks its models for: `requested`, or float32 where the device has no native kernels for
+    it, and then every model runs in float32."""
+    device = torch.device(device)
+    if native(requested, device):
+        return requested
+    _log_once(f"running every model in float32: no native {dtype_name(requested)} kernels on this {device.type}")
+    return torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mirage import precision
+from mirage.pipeline import MiragePipeline
 from mirage.precision import run_dtype
 from mirage.text_encoder import T5GemmaEncoder
 from mirage.transformer import MirageTransformer
@@ -63,6 +64,18 @@ def test_float16_without_native_kernels_runs_float32(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="mirage"):
         assert run_dtype(MirageTransformer, torch.float16, "cpu") == torch.float32
     assert caplog.messages == ["running MirageTransformer in float32: no native float16 kernels on this cpu"]
+
+
+def test_a_pipeline_in_float16_without_native_kernels_runs_float32_throughout(mirage_flux, monkeypatch, caplog):
+    # One line names what happens: every model in float32, not only the transformer.
+    monkeypatch.setattr(precision, "native_fp16", lambda device: False)
+    precision._log_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="mirage"):
+        pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", dtype="fp16", keep_text_encoder=True)
+        pipe("a fox", num_inference_steps=1, height=64, width=64, progress=False)
+    assert caplog.messages == ["running every model in float32: no native float16 kernels on this cpu"]
+    dtypes = {name: {p.dtype for p in model.parameters()} for name, model in pipe.models.items()}
+    assert dtypes == {name: {torch.float32} for name in ("text_encoder", "transformer", "vae")}
 
 
 def test_native_bf16_asks_the_cuda_device_named(monkeypatch):
