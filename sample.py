@@ -349,14 +349,15 @@ def out_of_memory(err: Exception) -> bool:
 
 
 def run_settings(options: Options, weights: Path, pipe) -> dict:
-    """What every PNG's metadata records about the run, besides the image's own prompt and seed: the dtype is the
-    one the transformer ran in (bf16 asked on a CPU without it runs fp32); paths are absolute, so that a resumed
-    --prompts-file run recognises its own images whichever way the paths are written."""
+    """What every PNG's metadata records about the run, besides the image's own prompt and seed: the device and
+    dtype are those it ran on and in (bf16 asked on a CPU without it runs fp32); paths are absolute, so that a
+    resumed --prompts-file run recognises its own images whichever way the paths are written."""
     from mirage.precision import DTYPES
 
     loras = [{"path": str(path.resolve()), "scale": scale} for path, scale in map(lora_spec, options.lora or [])]
     dtype = next(name for name, dtype in DTYPES.items() if dtype == pipe.dtype)
-    return {**asdict(options), "weights": str(weights.resolve()), "lora": loras, "dtype": dtype}
+    return {**asdict(options), "weights": str(weights.resolve()), "lora": loras, "device": str(pipe.device),
+            "dtype": dtype}  # fmt: skip
 
 
 if __name__ == "__main__":

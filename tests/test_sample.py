@@ -35,7 +35,7 @@ def test_writes_pngs_with_their_settings(mirage_flux, tmp_path):
     settings = json.loads(images[1].text["mirage"])
     assert images[1].text["prompt"] == "a red fox"
     assert (settings["seed"], settings["steps"], settings["image_index"]) == (3, 2, 1)
-    assert settings["dtype"] == "fp32"  # what ran (the default on CPU), not the unset flag
+    assert (settings["device"], settings["dtype"]) == ("cpu", "fp32")  # what ran (the defaults here), not unset flags
 
     again = run_sample("--prompt", "a red fox", "--weights", mirage_flux, "--steps", 2, "--seed", 3, cwd=tmp_path)
     assert again.returncode == 0 and (tmp_path / "outputs/00002.png").is_file()  # numbered on, nothing overwritten
