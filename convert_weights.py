@@ -1,6 +1,6 @@
 """Convert published Mirage / PRX weights into mirage's layout.
 
-    python convert_weights.py Photoroom/prx-512-t2i-sft weights/prx-512-sft
+    python convert_weights.py Photoroom/prx-512-t2i-sft weights/prx-512-t2i-sft
     python convert_weights.py --transformer model.pth --text-encoder google/t5gemma-2b-2b-ul2 \\
         --tokenizer google/t5gemma-2b-2b-ul2 --vae ae.safetensors weights/my-mirage
 
@@ -617,7 +617,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("src", nargs="?", help="diffusers-layout folder or Hub repo id (optional with the part flags)")
-    parser.add_argument("out", help="output folder, e.g. weights/prx-512-sft")
+    parser.add_argument("out", help="output folder, e.g. weights/prx-512-t2i-sft")
     parser.add_argument("--transformer", help="diffusers transformer folder, or an original-codebase .pth/.pt/.safetensors")
     parser.add_argument("--text-encoder", help="T5Gemma encoder folder, or the full google/t5gemma-2b-2b-ul2")
     parser.add_argument("--tokenizer", help="tokenizer folder (tokenizer.model, or tokenizer.json)")
