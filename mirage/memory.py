@@ -10,6 +10,7 @@ weights; an embedding table (the text encoder's is 1.2 GB) never moves, as only 
 import os
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 # the rest is activations (attention over 4096 image tokens at 1024 px), the VAE's large feature maps,
 # and the CPU copies a format conversion makes while loading.
 AMPLE_FACTOR = 2.0
+MEMINFO = Path("/proc/meminfo")  # Linux's memory and swap sizes
 
 
 @contextmanager
@@ -110,24 +112,24 @@ def available_bytes(device: torch.device) -> int:
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):  # torch >= 2.5
         return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()  # Metal's budget, unused part
-    # free memory (Linux), else all of it (macOS has only that); no figure (Windows): 0, so memory counts as tight
-    # and the text encoder is freed and read again when needed
-    return _os_memory("SC_AVPHYS_PAGES", "SC_PHYS_PAGES")
-
-
-def total_bytes(device: torch.device) -> int:
-    """All the memory `device` has, free or not (an Apple GPU shares the machine's), or 0 where the OS does not
-    say: what no single call can exceed."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
-    return _os_memory("SC_PHYS_PAGES")
-
-
-def _os_memory(*names: str) -> int:
-    """Bytes from the first of these page counts the OS gives (`os.sysconf` names), or 0."""
-    for name in names:
+    for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):  # free memory (Linux), else all of it (macOS has only that)
         try:
             return os.sysconf(name) * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             continue
-    return 0
+    return 0  # no figure (Windows): assume memory is tight, so the text encoder is freed and read again when needed
+
+
+def total_bytes(device: torch.device) -> int:
+    """The most memory a call on `device` could ever use, or 0 where there is no such bound: a CUDA GPU's own memory
+    (not on Windows, whose driver may spill into system memory), and a Linux CPU's memory and swap. macOS grows its
+    swap as needed, for the CPU and Apple GPUs alike."""
+    if device.type == "cuda":
+        return 0 if os.name == "nt" else torch.cuda.mem_get_info(device)[1]
+    if device.type != "cpu":
+        return 0
+    try:  # Linux: "MemTotal:       24684084 kB" and so on
+        fields = dict(line.split(":", 1) for line in MEMINFO.read_text().splitlines())
+        return sum(int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
+    except (OSError, KeyError, ValueError):
+        return 0

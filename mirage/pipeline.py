@@ -463,7 +463,7 @@ class MiragePipeline:
         height, width = nearest_bin(*request, sampling.default_sample_size) if use_resolution_binning else request
         guidance = guidance_scale > 1.0
         n = batch * num_images_per_prompt
-        self._check_room(n, height, width, guidance)
+        self._check_room(n, height, width, guidance, use_resolution_binning)
         embeds, masks = self.text_conditioning(
             prompt, negative_prompt, num_images_per_prompt, guidance, prompt_embeds, prompt_mask,
             negative_prompt_embeds, negative_prompt_mask, skip_text_cleaning,
@@ -475,9 +475,12 @@ class MiragePipeline:
             return latents
         return self._images(latents, request if use_resolution_binning else None, output_type)
 
-    def _denoise(self, latents, schedule, embeds, masks, guidance_scale, callback, progress) -> torch.Tensor:
-        """The sampling loop, noise [N, C, h, w] to clean latents [N, C, h, w], checked finite; `denoising` keeps
-        LoRAs from changing meanwhile."""
+    def _denoise(
+        self, latents: torch.Tensor, schedule: torch.Tensor, embeds: torch.Tensor, masks: torch.Tensor,
+        guidance_scale: float, callback, progress: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        """The sampling loop, noise [N, C, h, w] to clean latents [N, C, h, w], checked finite, given the text rows
+        [2N or N, L, D] and their masks [2N or N, L]; `denoising` keeps LoRAs from changing meanwhile."""
         with self.running("transformer") as transformer:
             self.denoising = True
             try:
@@ -571,23 +574,24 @@ class MiragePipeline:
         check_size(*request, self.config.pixel_multiple, binning)
         return prompt, negative_prompt, batch
 
-    def _check_room(self, n: int, height: int, width: int, guidance: bool) -> None:
-        """Refuse a call that needs more than all of the device's memory before anything runs. On a CPU it would
-        otherwise end with the OS killing the process and no message: memory is overcommitted, so no allocation
-        fails. The bound is what each block's MLP holds at once, two [rows, L_img, mlp_hidden] tensors, with
-        2N rows under guidance: only a lower bound, as the weights and every other activation come on top."""
+    def _check_room(self, n: int, height: int, width: int, guidance: bool, binning: bool) -> None:
+        """Refuse a call that needs more memory than the device could ever give it, before anything runs. On a CPU
+        it would otherwise end with the OS killing the process unannounced: Linux grants allocations that each fit,
+        and kills once they are used. The need is what each block's MLP holds at once, two [rows, L_img,
+        mlp_hidden] tensors at the size generated at (2N rows under guidance): a lower bound, as the weights and
+        every other activation come on top."""
         config = self.config.transformer
         tokens = (height // self.config.pixel_multiple) * (width // self.config.pixel_multiple)
         rows = 2 * n if guidance else n
         need = 2 * rows * tokens * config.mlp_hidden_size * self.dtype.itemsize
         have = memory.total_bytes(self.device)
         if have and need > have:
-            size = f"{width}x{height} px"
-            images = f"{n} images of {size} at once need" if n > 1 else f"one {size} image needs"
+            images = f"{n} images at once, generated at" if n > 1 else "one image generated at"
+            fewer = "make fewer images per call" + ("" if binning else ", or smaller ones")  # bins keep the area
             raise ValueError(
-                f"{images} at least {need / 2**30:.1f} GiB, more than all {have / 2**30:.1f} GiB of "
-                f"{self.device.type} memory here: make fewer or smaller images per call "
-                "(sample.py: fewer --num-images, or a smaller --batch-size)"
+                f"{images} {height}x{width} px (height x width), need{'s' * (n == 1)} at least "
+                f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB this {self.device.type} can use: "
+                f"{fewer} (sample.py: fewer --num-images, or a smaller --batch-size)"
             )
 
     # ---- LoRA (mirage/lora.py) ----

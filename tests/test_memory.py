@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mirage.loading
-from mirage import memory, pipeline
+from mirage import memory, pipeline, precision
 from mirage.loading import CheckpointError, loaded_bytes, read_safetensors
 from mirage.pipeline import MiragePipeline
 from mirage.sampling import denoise, flow_match_sigmas
@@ -230,37 +230,50 @@ def test_each_block_of_a_list_visits_whole_and_leaves_nothing_behind():
     assert replaced() is None
 
 
-def mlp_bytes(pipe, images, side, guidance_scale):
+def mlp_bytes(pipe, **call):
     """What a call's bound counts: the bytes of one block's MLP gate and up outputs, seen in a real call."""
     seen = []
     block = pipe.transformer.blocks[0]
     for projection in (block.gate_proj, block.up_proj):
         projection.register_forward_hook(lambda module, args, out: seen.append(out.numel() * out.element_size()))
-    generate(pipe, height=side, width=side, num_images_per_prompt=images, guidance_scale=guidance_scale,
-             use_resolution_binning=False)  # fmt: skip
+    generate(pipe, **call)
     return seen[0] + seen[1]  # the first step's
 
 
-@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
-def test_a_call_larger_than_all_memory_is_refused_before_anything_runs(mirage_flux, monkeypatch, guidance_scale):
+@pytest.mark.parametrize(
+    "guidance_scale, dtype, height, width, binning, generated",
+    [(1.0, "fp32", 64, 64, False, "64x64"), (4.0, "fp32", 64, 64, False, "64x64"), (4.0, "bf16", 200, 300, True,
+     "192x320")],  # the last generated at the nearest bin
+)  # fmt: skip
+def test_a_call_larger_than_all_memory_is_refused_before_anything_runs(
+    mirage_flux, monkeypatch, guidance_scale, dtype, height, width, binning, generated
+):
     # Left to run, it would be killed by the OS with no message. The bound is what one MLP holds, so a call whose
     # MLP fits all of memory exactly runs and one a byte short is refused, before any weight is read.
-    need = mlp_bytes(MiragePipeline.from_pretrained(mirage_flux, device="cpu"), 3, 64, guidance_scale)
-    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)  # bf16 runs in bf16 on any CPU
+    call = dict(height=height, width=width, num_images_per_prompt=3, guidance_scale=guidance_scale,
+                use_resolution_binning=binning)  # fmt: skip
+    need = mlp_bytes(MiragePipeline.from_pretrained(mirage_flux, device="cpu", dtype=dtype), **call)
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu", dtype=dtype)
     monkeypatch.setattr(memory, "total_bytes", lambda device: need - 1)
     with pytest.raises(ValueError) as refused:
-        generate(pipe, height=64, width=64, num_images_per_prompt=3, guidance_scale=guidance_scale,
-                 use_resolution_binning=False)  # fmt: skip
-    assert str(refused.value).startswith("3 images of 64x64 px at once need at least 0.0 GiB, more than all 0.0 GiB")
-    assert str(refused.value).endswith("(sample.py: fewer --num-images, or a smaller --batch-size)")
+        generate(pipe, **call)
+    assert str(refused.value) == (
+        f"3 images at once, generated at {generated} px (height x width), need at least 0.0 GiB, more than the 0.0 GiB "
+        f"this cpu can use: make fewer images per call{'' if binning else ', or smaller ones'} (sample.py: fewer "
+        "--num-images, or a smaller --batch-size)"
+    )  # smaller requests are binned to the same area
     assert pipe.models == {}
     monkeypatch.setattr(memory, "total_bytes", lambda device: need)
-    generate(pipe, height=64, width=64, num_images_per_prompt=3, guidance_scale=guidance_scale,
-             use_resolution_binning=False)  # fmt: skip
+    generate(pipe, **call)
+
+
+def test_one_image_too_large_is_refused_and_nothing_is_without_a_bound(mirage_flux, monkeypatch):
+    pipe = MiragePipeline.from_pretrained(mirage_flux, device="cpu")
     monkeypatch.setattr(memory, "total_bytes", lambda device: 1)
-    with pytest.raises(ValueError, match="^one 64x64 px image needs at least 0.0 GiB, more than all 0.0 GiB of cpu"):
+    with pytest.raises(ValueError, match=r"^one image generated at 64x64 px \(height x width\), needs at least 0.0"):
         generate(pipe, height=64, width=64, use_resolution_binning=False)
-    monkeypatch.setattr(memory, "total_bytes", lambda device: 0)  # the OS does not say: no check
+    monkeypatch.setattr(memory, "total_bytes", lambda device: 0)  # no bound known (macOS, Windows): no check
     generate(pipe, height=64, width=64, num_images_per_prompt=300, use_resolution_binning=False)
 
 
@@ -428,13 +441,12 @@ def test_converting_read_never_holds_the_file_and_its_conversion(tmp_path):
 def test_free_memory_figures_per_device_and_os(monkeypatch):
     """Apple GPUs: Metal's budget for the process, less what it holds. CUDA: its free memory, not its total. CPUs:
     free memory where the OS says (Linux), all of it where it says only that (macOS), none where it says nothing
-    (Windows: the text encoder is freed). All the memory: CUDA's total, else the machine's (an Apple GPU's too)."""
+    (Windows: the text encoder is freed)."""
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 12 << 30, raising=False)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 << 30)
     assert memory.available_bytes(torch.device("mps")) == 10 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 << 30, 80 << 30))  # (free, total)
     assert memory.available_bytes(torch.device("cuda", 1)) == 3 << 30
-    assert memory.total_bytes(torch.device("cuda", 1)) == 80 << 30
     pages = {"SC_AVPHYS_PAGES": 1000, "SC_PHYS_PAGES": 4000, "SC_PAGE_SIZE": 4096}
 
     def sysconf(name):
@@ -444,9 +456,22 @@ def test_free_memory_figures_per_device_and_os(monkeypatch):
 
     monkeypatch.setattr(memory.os, "sysconf", sysconf)
     assert memory.available_bytes(torch.device("cpu")) == 1000 * 4096
-    assert memory.total_bytes(torch.device("cpu")) == memory.total_bytes(torch.device("mps")) == 4000 * 4096
     del pages["SC_AVPHYS_PAGES"]
     assert memory.available_bytes(torch.device("cpu")) == 4000 * 4096
     monkeypatch.delattr(memory.os, "sysconf")
     assert memory.available_bytes(torch.device("cpu")) == 0 and not memory.is_ample(torch.device("cpu"), 1)
+
+
+def test_the_most_memory_a_call_could_use_per_device_and_os(monkeypatch, tmp_path):
+    """A bound only where one exists: a CUDA GPU's total (Windows' driver may spill into system memory), a Linux
+    CPU's memory and swap; none on macOS, whose swap grows as needed, for its CPU and GPU alike."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 << 30, 80 << 30))  # (free, total)
+    assert memory.total_bytes(torch.device("cuda", 1)) == 80 << 30
+    monkeypatch.setattr(memory.os, "name", "nt")
+    assert memory.total_bytes(torch.device("cuda", 1)) == 0
+    monkeypatch.setattr(memory, "MEMINFO", tmp_path / "meminfo")
+    memory.MEMINFO.write_text("MemTotal:       24684084 kB\nMemFree:        22793644 kB\nSwapTotal:       2097148 kB\n")
+    assert memory.total_bytes(torch.device("cpu")) == (24684084 + 2097148) * 1024
+    assert memory.total_bytes(torch.device("mps")) == 0
+    memory.MEMINFO.unlink()  # not Linux
     assert memory.total_bytes(torch.device("cpu")) == 0

@@ -290,9 +290,9 @@ def test_more_images_than_memory_can_hold_are_refused_in_one_line(mirage_flux, t
     )  # fmt: skip
     assert result.returncode == 1
     assert re.fullmatch(
-        r"sample.py: error: 100000 images of 4096x4096 px at once need at least 12500.0 GiB, more than all [\d.]+ GiB "
-        r"of cpu memory here: make fewer or smaller images per call \(sample.py: fewer --num-images, or a smaller "
-        r"--batch-size\)\n", result.stderr
+        r"sample.py: error: 100000 images at once, generated at 4096x4096 px \(height x width\), need at least "
+        r"12500.0 GiB, more than the [\d.]+ GiB this cpu can use: make fewer images per call, or smaller ones "
+        r"\(sample.py: fewer --num-images, or a smaller --batch-size\)\n", result.stderr
     ), result.stderr  # fmt: skip
     assert not (tmp_path / "outputs").exists()
 
