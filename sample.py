@@ -264,7 +264,7 @@ def make_many(options: Options, weights: Path, started: float) -> None:
     try:
         pipe = open_pipeline(options, weights, device)
         run = run_settings(options, weights, pipe)
-        settings = {key: run[key] for key in ("weights", "dtype", "no_binning", "lora")}
+        settings = {key: run[key] for key in ("weights", "device", "dtype", "no_binning", "lora")}
         jobs.check_outdir(items, outdir, settings)  # images there were made with these settings: resuming is safe
         todo = jobs.pending(items, outdir, options.save_trajectory)
         world.barrier(device)  # every rank has listed what is left before any rank writes

@@ -272,6 +272,7 @@ def test_torchrun_shards_items_and_resumes_a_killed_run(mirage_flux, prompts_fil
     records = manifest(outdir)
     assert [r["file"] for r in records] == [f"{name}.png" for name in NAMES]
     assert [r["rank"] for r in records] == [0, 1, 0, 1, 0, 1]
+    assert {(r["device"], r["dtype"]) for r in records} == {("cpu", "fp32")}  # what ran, as with --prompt
     assert [r["seed"] for r in records] == [r["seed"] for r in manifest(single_run)] == [10, 1234, 12, 13, 14, 15]
     assert [(r["steps"], r["guidance"]) for r in records] == [(2, 5.0)] * 4 + [(1, 5.0), (2, 1.0)]
     assert Image.open(outdir / "00002-a-cafe-in-paris.png").size == (64, 96)
