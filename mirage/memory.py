@@ -7,6 +7,7 @@ VAE's decoder, a small projection) is copied in just before it runs, so the devi
 weights; an embedding table (the text encoder's is 1.2 GB) never moves, as only a few of its rows are read.
 """
 
+import math
 import os
 from contextlib import contextmanager
 from functools import partial
@@ -20,6 +21,7 @@ from torch import nn
 # and the CPU copies a format conversion makes while loading.
 AMPLE_FACTOR = 2.0
 MEMINFO = Path("/proc/meminfo")  # Linux's memory and swap sizes
+CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: in a container, its memory and swap limits
 
 
 @contextmanager
@@ -122,14 +124,25 @@ def available_bytes(device: torch.device) -> int:
 
 def total_bytes(device: torch.device) -> int:
     """The most memory a call on `device` could ever use, or 0 where there is no such bound: a CUDA GPU's own memory
-    (not on Windows, whose driver may spill into system memory), and a Linux CPU's memory and swap. macOS grows its
-    swap as needed, for the CPU and Apple GPUs alike."""
+    (not on Windows, whose driver may spill into system memory), and a Linux CPU's memory and swap, within a
+    container's limits. macOS grows its swap as needed, for the CPU and Apple GPUs alike."""
     if device.type == "cuda":
         return 0 if os.name == "nt" else torch.cuda.mem_get_info(device)[1]
     if device.type != "cpu":
         return 0
     try:  # Linux: "MemTotal:       24684084 kB" and so on
         fields = dict(line.split(":", 1) for line in MEMINFO.read_text().splitlines())
-        return sum(int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
+        ram, swap = (int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
     except (OSError, KeyError, ValueError):
         return 0
+    return min(ram, _cgroup_limit("memory.max")) + min(swap, _cgroup_limit("memory.swap.max"))
+
+
+def _cgroup_limit(name: str) -> float:
+    """A cgroup v2 limit in bytes, as a container sees its own (a private cgroup namespace), or inf: "max", or no
+    such file (cgroup v1, or the host's root cgroup, which has no limits)."""
+    try:
+        text = (CGROUP / name).read_text().strip()
+    except OSError:
+        return math.inf
+    return math.inf if text == "max" else int(text)

@@ -464,14 +464,23 @@ def test_free_memory_figures_per_device_and_os(monkeypatch):
 
 def test_the_most_memory_a_call_could_use_per_device_and_os(monkeypatch, tmp_path):
     """A bound only where one exists: a CUDA GPU's total (Windows' driver may spill into system memory), a Linux
-    CPU's memory and swap; none on macOS, whose swap grows as needed, for its CPU and GPU alike."""
+    CPU's memory and swap, each within a container's cgroup limit; none on macOS, whose swap grows as needed."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 << 30, 80 << 30))  # (free, total)
     assert memory.total_bytes(torch.device("cuda", 1)) == 80 << 30
     monkeypatch.setattr(memory.os, "name", "nt")
     assert memory.total_bytes(torch.device("cuda", 1)) == 0
     monkeypatch.setattr(memory, "MEMINFO", tmp_path / "meminfo")
     memory.MEMINFO.write_text("MemTotal:       24684084 kB\nMemFree:        22793644 kB\nSwapTotal:       2097148 kB\n")
+    monkeypatch.setattr(memory, "CGROUP", tmp_path / "cgroup")  # no cgroup v2 files: the host's sizes
     assert memory.total_bytes(torch.device("cpu")) == (24684084 + 2097148) * 1024
+    memory.CGROUP.mkdir()
+    (memory.CGROUP / "memory.max").write_text("8589934592\n")  # a container of 8 GiB, with the host's swap
+    (memory.CGROUP / "memory.swap.max").write_text("max\n")
+    assert memory.total_bytes(torch.device("cpu")) == (8 << 30) + 2097148 * 1024
+    (memory.CGROUP / "memory.swap.max").write_text("0\n")
+    assert memory.total_bytes(torch.device("cpu")) == 8 << 30
+    (memory.CGROUP / "memory.max").write_text("max\n")
+    assert memory.total_bytes(torch.device("cpu")) == 24684084 * 1024
     assert memory.total_bytes(torch.device("mps")) == 0
     memory.MEMINFO.unlink()  # not Linux
     assert memory.total_bytes(torch.device("cpu")) == 0
