@@ -21,7 +21,7 @@ from torch import nn
 # and the CPU copies a format conversion makes while loading.
 AMPLE_FACTOR = 2.0
 MEMINFO = Path("/proc/meminfo")  # Linux's memory and swap sizes
-CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: in a container, its memory and swap limits
+CGROUP = Path("/sys/fs/cgroup")  # in a container, its memory limits: cgroup v2's files here, v1's in memory/
 
 
 @contextmanager
@@ -135,12 +135,15 @@ def total_bytes(device: torch.device) -> int:
         ram, swap = (int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
     except (OSError, KeyError, ValueError):
         return 0
-    return min(ram, _cgroup_limit("memory.max")) + min(swap, _cgroup_limit("memory.swap.max"))
+    ram = min(ram, _cgroup_limit("memory.max"), _cgroup_limit("memory/memory.limit_in_bytes"))
+    swap = min(swap, _cgroup_limit("memory.swap.max"))  # v2 limits swap alone, v1 memory and swap together
+    return min(ram + swap, _cgroup_limit("memory/memory.memsw.limit_in_bytes"))
 
 
 def _cgroup_limit(name: str) -> float:
-    """A cgroup v2 limit in bytes, as a container sees its own (a private cgroup namespace), or inf: "max", or no
-    such file (cgroup v1, or the host's root cgroup, which has no limits)."""
+    """A cgroup limit in bytes, as a container sees its own, or inf: v2's "max", or no such file (the other cgroup
+    version, v1 without swap accounting, or the host's root cgroup, which has no limits). v1 writes "no limit" as a
+    number near 2**63, larger than any memory."""
     try:
         text = (CGROUP / name).read_text().strip()
     except OSError:

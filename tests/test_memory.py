@@ -464,11 +464,12 @@ def test_free_memory_figures_per_device_and_os(monkeypatch):
 
 def test_the_most_memory_a_call_could_use_per_device_and_os(monkeypatch, tmp_path):
     """A bound only where one exists: a CUDA GPU's total (Windows' driver may spill into system memory), a Linux
-    CPU's memory and swap, each within a container's cgroup limit; none on macOS, whose swap grows as needed."""
+    CPU's memory and swap within a container's cgroup v2 or v1 limits; none on macOS, whose swap grows as needed."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 << 30, 80 << 30))  # (free, total)
     assert memory.total_bytes(torch.device("cuda", 1)) == 80 << 30
     monkeypatch.setattr(memory.os, "name", "nt")
     assert memory.total_bytes(torch.device("cuda", 1)) == 0
+    monkeypatch.undo()  # back to this OS's name, which pathlib and pytest's report need
     monkeypatch.setattr(memory, "MEMINFO", tmp_path / "meminfo")
     memory.MEMINFO.write_text("MemTotal:       24684084 kB\nMemFree:        22793644 kB\nSwapTotal:       2097148 kB\n")
     monkeypatch.setattr(memory, "CGROUP", tmp_path / "cgroup")  # no cgroup v2 files: the host's sizes
@@ -481,6 +482,18 @@ def test_the_most_memory_a_call_could_use_per_device_and_os(monkeypatch, tmp_pat
     assert memory.total_bytes(torch.device("cpu")) == 8 << 30
     (memory.CGROUP / "memory.max").write_text("max\n")
     assert memory.total_bytes(torch.device("cpu")) == 24684084 * 1024
+    for name in ("memory.max", "memory.swap.max"):
+        (memory.CGROUP / name).unlink()
+    v1 = memory.CGROUP / "memory"  # cgroup v1: "no limit" is a number near 2**63
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert memory.total_bytes(torch.device("cpu")) == (24684084 + 2097148) * 1024
+    (v1 / "memory.limit_in_bytes").write_text("8589934592\n")  # 8 GiB, and the host's swap (no swap accounting)
+    assert memory.total_bytes(torch.device("cpu")) == (8 << 30) + 2097148 * 1024
+    (v1 / "memory.memsw.limit_in_bytes").write_text("9663676416\n")  # memory and swap together: 9 GiB
+    assert memory.total_bytes(torch.device("cpu")) == 9 << 30
+    (v1 / "memory.memsw.limit_in_bytes").write_text("8589934592\n")  # equal to the memory limit: no swap
+    assert memory.total_bytes(torch.device("cpu")) == 8 << 30
     assert memory.total_bytes(torch.device("mps")) == 0
     memory.MEMINFO.unlink()  # not Linux
     assert memory.total_bytes(torch.device("cpu")) == 0
