@@ -228,7 +228,7 @@ def main(argv=None) -> None:
         use_resolution_binning=not options.no_binning,
         callback=trajectory,
     )
-    # --output is left out: it is each file's own name (with _1, _2 ... after the first), and a Path is no JSON
+    # --output is left out: it is each file's own name (_0, _1 ... for several), and a Path is no JSON
     settings = {**run_settings(options, weights, pipe), "seed": seed, "output": None, **used}
     strips = trajectory.strips(pipe, images[0].height, images[0].width) if trajectory else []
     paths = claim(paths, options)

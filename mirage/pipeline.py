@@ -1,6 +1,6 @@
 """Text to image with Mirage: prompts -> T5Gemma embeddings -> flow-matching denoising -> VAE decode.
 
-Follows diffusers' `PRXPipeline` (0.42.1) step for step, with six deliberate differences:
+Follows diffusers' `PRXPipeline` (0.42.1) step for step, with these deliberate differences:
 - every image gets its own prompt's embeddings AND mask (the reference repeat-interleaves embeddings but
   tiles masks, so with several prompts and several images each, images get another prompt's mask), and
   the timestep is broadcast to the batch (the reference's `.repeat(2)` crashes any CFG batch > 1);
@@ -11,6 +11,8 @@ Follows diffusers' `PRXPipeline` (0.42.1) step for step, with six deliberate dif
 - a binned image resized back to the request is never a pixel short of it (see `resize_and_crop`);
 - decodes above 1024x1024 px run in overlapping tiles (see `mirage.autoencoder.decode_latents`);
 - prompt cleaning keeps the curly quotes diffusers' copy lost, as training did (see `mirage.prompt_cleaning`).
+- the Euler update runs wholly in fp32, the modulation of every step is computed before the loop (see
+  `mirage.sampling`).
 
 Shapes: B prompts, K images per prompt, N = B * K images, L text tokens, D text width,
 C latent channels, h/w latent grid, H/W pixels (H'/W': the size generated at, when binning changes it).
@@ -87,7 +89,7 @@ def resize_and_crop(images: torch.Tensor, height: int, width: int) -> torch.Tens
     """Scale [N, 3, H', W'] so it covers (height, width), then centre-crop to it, as the reference does.
 
     The reference truncates the scaled size, which can fall one pixel short of the request (768x1344 scaled to
-    cover 500x900 is 500x899); its crop then starts at -1 and keeps a single column. Never below the request here.
+    cover 500x900 is 514x899); its crop then starts at -1 and keeps a single column. Never below the request here.
     """
     h, w = images.shape[-2:]
     if (h, w) == (height, width):

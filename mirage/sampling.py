@@ -46,9 +46,9 @@ def flow_match_sigmas(
     if sigmas is None:
         # The reference scheduler keeps the ends of its already shifted training table, shift(T / T) and
         # shift(1 / T) in fp32, spaces the steps linearly between them and then shifts them ALL again. The top
-        # end is a fixed point (shift(1) = 1) but the low end is shifted twice: whatever the step count, the last
-        # sigma is 0.0089, not 0.0030. The published models were tuned with this schedule, so it is reproduced exactly,
-        # float64 numpy arithmetic included.
+        # end is a fixed point (shift(1) = 1) but the low end is shifted twice: with two steps or more, the last
+        # sigma is 0.0089, not 0.0030 (one step has only the top). The published models were tuned with this
+        # schedule, so it is reproduced exactly, float64 numpy arithmetic included.
         sigma_max, sigma_min = _shift(torch.tensor([num_train_timesteps, 1.0]) / num_train_timesteps, shift).tolist()
         ramp = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_steps)
         ramp = ramp / num_train_timesteps

@@ -227,6 +227,18 @@ def test_seed_latents_and_generator_agree(ours_flux):
         assert torch.equal(ours(ours_flux, PROMPTS[0], seed=integer_like, guidance_scale=1.0, output_type="latent"), by_seed)
 
 
+def test_a_list_of_seeds_is_the_references_list_of_generators(ref_flux, ours_flux):
+    """seed=[s0, s1, s2] stands in for diffusers' generator=[one CPU generator per image], which mirage refuses."""
+    seeds = [3, 7, 11]
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    kwargs = dict(num_images_per_prompt=3, guidance_scale=1.0, num_inference_steps=2, output_type="pt")
+    expected = ref_flux(PROMPTS[0], generator=generators, **kwargs).images
+    images = ours_flux(PROMPTS[0], seed=seeds, progress=False, **kwargs)
+    assert images.shape == expected.shape == (3, 3, 256, 256)
+    assert (images - expected).abs().max().item() <= IMAGE_TOL
+    assert not torch.allclose(images[0], images[1])  # three noises, not one
+
+
 def test_defaults_come_from_the_checkpoint(ours_flux, monkeypatch):
     """Unset steps and guidance are the checkpoint's: Photoroom's 28 and 5 (not PRXPipeline's 4), or a distilled
     checkpoint's 8 without guidance, which makes no unconditional pass."""
@@ -363,7 +375,7 @@ def test_resize_and_crop_matches_reference_image_processor():
 
 
 def test_resize_and_crop_is_never_a_pixel_short(ours_flux):
-    """768x1344 scaled to cover 500x900 truncates to 500x899: the reference then crops from -1 and keeps one column."""
+    """768x1344 scaled to cover 500x900 truncates to 514x899: the reference then crops from -1 and keeps one column."""
     from diffusers.image_processor import PixArtImageProcessor
 
     images = torch.rand(1, 3, 768, 1344, generator=torch.Generator().manual_seed(0))
