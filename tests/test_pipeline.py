@@ -91,14 +91,29 @@ def test_images_and_latents_match_reference(request, vae, guidance):
     assert max_rel_err(latents, expected) <= LATENT_TOL
 
 
-def test_non_square_request_with_binning(ref_flux, ours_flux):
-    """200x300 is generated at the nearest 256 bin (192x320) and resized and cropped back."""
-    assert nearest_bin(200, 300, 256) == (192, 320)
-    kwargs = dict(height=200, width=300, guidance_scale=5.0)  # the defaults differ: diffusers' is 4
-    expected = reference(ref_flux, PROMPTS[1], output_type="pt", **kwargs)
-    images = ours(ours_flux, PROMPTS[1], output_type="pt", **kwargs)
-    assert images.shape == expected.shape == (1, 3, 200, 300)
+@pytest.mark.parametrize("prompt", ["", "a long caption, " * 100])
+def test_an_empty_and_a_truncated_prompt_match_reference(ref_flux, ours_flux, prompt):
+    """The empty prompt, and one past the 256 tokens the model reads (encoded here only up to the longest)."""
+    expected = reference(ref_flux, prompt, guidance_scale=4.0, output_type="pt")
+    images = ours(ours_flux, prompt, guidance_scale=4.0, output_type="pt")
     assert (images - expected).abs().max().item() <= IMAGE_TOL
+
+
+@pytest.mark.parametrize("vae, height, width", [("flux", 200, 300), ("flux", 255, 257), ("dcae", 300, 200)])
+def test_non_square_request_with_binning(request, vae, height, width):
+    """A size off the bins (even off the patch grid) is generated at the nearest 256 bin, then resized and
+    cropped back, for both VAEs."""
+    ref_pipe, our_pipe = request.getfixturevalue(f"ref_{vae}"), request.getfixturevalue(f"ours_{vae}")
+    kwargs = dict(height=height, width=width, guidance_scale=5.0)  # the defaults differ: diffusers' is 4
+    expected = reference(ref_pipe, PROMPTS[1], output_type="pt", **kwargs)
+    images = ours(our_pipe, PROMPTS[1], output_type="pt", **kwargs)
+    assert images.shape == expected.shape == (1, 3, height, width)
+    assert (images - expected).abs().max().item() <= IMAGE_TOL
+
+
+def test_latents_stay_at_the_binned_size(ours_flux):
+    """200x300 is generated at the nearest 256 bin, 192x320."""
+    assert nearest_bin(200, 300, 256) == (192, 320)
     latents = ours(ours_flux, PROMPTS[1], height=200, width=300, output_type="latent")
     assert latents.shape == (1, 16, 192 // 8, 320 // 8)  # latents stay at the binned size
 
