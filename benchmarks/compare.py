@@ -17,7 +17,9 @@ pipelines:
 - e2e: loading each pipeline from its folder and one generation of --steps steps through its public
   call, timed together (mirage reads each model on first use); its peak memory is what a user sees
   (CPU: peak RSS, CUDA: peak allocated, and reserved). On CUDA a second, warm generation is timed too
-  ("generate").
+  ("generate"). The workers import their library before the clock starts, so importing it is timed on its
+  own line, in a fresh process that has imported torch ("import"); a note says whether ours kept its text
+  encoder after encoding or freed it (the default decides by the memory it finds free).
   --offload model|sequential offloads on both sides (diffusers' enable_*_cpu_offload, needs accelerate);
   --compile compiles ours as MiragePipeline(compile=True) does (transformer blocks, text-encoder layers, VAE
   decoder), --compile-reference the same parts of diffusers' models (it runs eager otherwise); --cuda-graph
@@ -148,6 +150,20 @@ def reference_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
     return time_e2e(s, timer, load, generate)
 
 
+IMPORTS = {"reference": "from diffusers import PRXPipeline", "ours": "from mirage.pipeline import MiragePipeline"}
+
+
+def time_import(side: str, timer: Timer) -> None:
+    """Import the side's pipeline in a fresh process that has imported torch: what a first image in a new process
+    pays on top of "load + generate", whose workers import before timing."""
+    code = (
+        "import sys, time, torch; sys.path.insert(0, sys.argv[1]); wall, cpu = time.perf_counter(), time.process_time()"
+        f"; {IMPORTS[side]}; print(time.perf_counter() - wall, time.process_time() - cpu)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], check=True, capture_output=True, text=True)
+    timer.wall["import"], timer.cpu["import"] = map(float, done.stdout.split())
+
+
 def time_e2e(s: dict, timer: Timer, load, generate) -> dict:
     """Loading and a first generation, timed together; on CUDA also a second generation ("generate"), where
     loading is most of the first one."""
@@ -237,12 +253,14 @@ def ours_e2e(s: dict, inputs: dict, timer: Timer) -> dict:
         )  # fmt: skip
 
     def generate(pipe):
-        return pipe(
+        images = pipe(
             inputs["prompt"], negative_prompt=inputs["negative"], height=s["resolution"], width=s["resolution"],
             num_inference_steps=s["steps"], guidance_scale=s["guidance"],
             latents=inputs["noise"].to(s["device"], s["dtype"]), output_type="pt", use_resolution_binning=False,
             progress=False,
         )  # fmt: skip
+        s["text_encoder_kept"] = "text_encoder" in pipe.models
+        return images
 
     return time_e2e(s, timer, load, generate)
 
@@ -275,9 +293,13 @@ def worker(run_dir: Path, side: str, part: str) -> None:
     s = {**settings, "device": device, "dtype": DTYPES[settings["dtype"]], "ran_in": {}}  # ran_in: see `build`
     inputs = torch.load(run_dir / "inputs.pt")
     timer = Timer(device, settings["repeats"])
+    if part == "e2e":
+        time_import(side, timer)
     with torch.no_grad():
         outputs = WORKERS[side, part](s, inputs, timer)
     result = {"wall": timer.wall, "cpu": timer.cpu, "peak_memory": peak_memory(device), "dtypes": s["ran_in"]}
+    if "text_encoder_kept" in s:
+        result["text_encoder_kept"] = s["text_encoder_kept"]
     if device.type == "cuda":  # what the caching allocator held at most: the memory other processes could not have
         result["peak_reserved"] = torch.cuda.max_memory_reserved(device)
     torch.save({k: v.float().cpu() for k, v in outputs.items()}, run_dir / f"{side}-{part}.pt")
@@ -394,8 +416,9 @@ LABELS = {
     "vae": "VAE decode",
     "e2e": "load + generate ({steps} steps)",
     "generate": "  generate, warm ({steps} steps)",
+    "import": "  import (after torch; not in the above)",
 }
-EXTRA_ROWS = {"step": "text side", "e2e": "generate"}  # timed in the same worker, shown under the part
+EXTRA_ROWS = {"step": ("text side",), "e2e": ("generate", "import")}  # timed in the part's worker, shown under it
 
 
 def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float]) -> str:
@@ -403,7 +426,8 @@ def report(settings: dict, inputs: dict, results: dict, load: tuple[float, float
     lines = header(settings, inputs, load)
     for part in (p for p in PARTS if p in results["ours"]):
         lines += part_rows(part, settings, inputs, results["reference"][part], results["ours"][part])
-    return "\n".join(lines + dtype_note(settings, results) + projection(settings, results))
+    notes = dtype_note(settings, results) + text_encoder_note(results)
+    return "\n".join(lines + notes + projection(settings, results))
 
 
 def header(settings: dict, inputs: dict, load: tuple[float, float]) -> list[str]:
@@ -436,7 +460,7 @@ def on_cpu(settings: dict) -> bool:
 def part_rows(part: str, settings: dict, inputs: dict, ref: dict, ours: dict) -> list[str]:
     """Time rows (ours/ref and the speedup; on CPU also the ratio of CPU times), then TFLOP/s and peak memory."""
     lines, cpu = [], on_cpu(settings)
-    for key in (k for k in (part, EXTRA_ROWS.get(part)) if k in ours["wall"]):
+    for key in (k for k in (part, *EXTRA_ROWS.get(part, ())) if k in ours["wall"]):
         label, o = LABELS[key].format(**settings), ours["wall"][key]
         if key not in ref["wall"]:  # done once per call by ours only
             lines.append(f"{label:40}{'-':>11}{seconds(o):>10}")
@@ -466,6 +490,17 @@ def dtype_note(settings: dict, results: dict) -> list[str]:
     if not changed:
         return []
     return [f"note: ours ran {changed} (mirage.precision); the reference ran everything in {settings['dtype']}"]
+
+
+def text_encoder_note(results: dict) -> list[str]:
+    """Whether our e2e generation kept its text encoder loaded, which its peak memory depends on."""
+    kept = results["ours"].get("e2e", {}).get("text_encoder_kept")
+    if kept is None:
+        return []
+    if kept:
+        return ["note: ours kept its text encoder loaded after encoding (memory ample: twice all the weights free)"]
+    return ["note: ours freed its text encoder once the prompts were encoded (memory not ample; sample.py --prompt "
+            "always frees it)"]  # fmt: skip
 
 
 def projection(settings: dict, results: dict) -> list[str]:

@@ -215,6 +215,23 @@ def test_a_whole_run_compares_the_same_computation(vae, request, tmp_path, monke
         assert match, f"no {name} row with a difference in:\n{table}"
         assert float(match[1]) < 2e-5, f"the two sides' {name} differ by {match[1]}:\n{table}"
     assert re.search(r"^projected: text \+ 2 steps \+ decode ", table, re.M)
+    assert re.search(r"^  import \(after torch; not in the above\) +[\d.]+ m?s +[\d.]+ m?s ", table, re.M), table
+    assert re.search(r"^note: ours (kept|freed) its text encoder", table, re.M), table
+
+
+def test_imports_are_timed_in_a_fresh_process_and_the_text_encoders_fate_is_noted(monkeypatch):
+    commands, run = [], subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: commands.append(cmd) or run(cmd, **kwargs))
+    timer = common.Timer(torch.device("cpu"), repeats=1)
+    compare.time_import("ours", timer)
+    ((python, flag, code, root),) = commands
+    assert (python, flag, root) == (sys.executable, "-c", str(compare.ROOT))
+    assert code.index("import sys, time, torch") < code.index("perf_counter()") < code.index(compare.IMPORTS["ours"])
+    assert timer.wall["import"] > 0 and timer.cpu["import"] > 0
+    for kept, word in ((True, "kept"), (False, "freed")):
+        (note,) = compare.text_encoder_note({"ours": {"e2e": {"text_encoder_kept": kept}}})
+        assert note.startswith(f"note: ours {word} its text encoder")
+    assert compare.text_encoder_note({"ours": {"step": {}}}) == []
 
 
 def test_difference_compares_the_same_positions():
