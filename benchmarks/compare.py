@@ -160,8 +160,8 @@ def time_import(side: str, timer: Timer) -> None:
         "import sys, time, torch; sys.path.insert(0, sys.argv[1]); wall, cpu = time.perf_counter(), time.process_time()"
         f"; {IMPORTS[side]}; print(time.perf_counter() - wall, time.process_time() - cpu)"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], check=True, capture_output=True, text=True)
-    timer.wall["import"], timer.cpu["import"] = map(float, done.stdout.split())
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], check=True, stdout=subprocess.PIPE, text=True)
+    timer.wall["import"], timer.cpu["import"] = map(float, done.stdout.splitlines()[-1].split())  # errors: stderr
 
 
 def time_e2e(s: dict, timer: Timer, load, generate) -> dict:
@@ -498,7 +498,7 @@ def text_encoder_note(results: dict) -> list[str]:
     if kept is None:
         return []
     if kept:
-        return ["note: ours kept its text encoder loaded after encoding (memory ample: twice all the weights free)"]
+        return ["note: ours kept its text encoder loaded after encoding (memory ample: over twice all weights free)"]
     return ["note: ours freed its text encoder once the prompts were encoded (memory not ample; sample.py --prompt "
             "always frees it)"]  # fmt: skip
 

@@ -10,8 +10,8 @@ Follows diffusers' `PRXPipeline` (0.42.1) step for step, with these deliberate d
 - the text side of the transformer (projection, per-block keys/values) is computed once per call;
 - a binned image resized back to the request is never a pixel short of it (see `resize_and_crop`);
 - decodes above 1024x1024 px run in overlapping tiles (see `mirage.autoencoder.decode_latents`);
-- prompt cleaning keeps the curly quotes diffusers' copy lost, as training did (see `mirage.prompt_cleaning`).
-- the Euler update runs wholly in fp32, the modulation of every step is computed before the loop (see
+- prompt cleaning keeps the curly quotes diffusers' copy lost, as training did (see `mirage.prompt_cleaning`);
+- the Euler update runs wholly in fp32, and every step's modulation is computed before the loop (see
   `mirage.sampling`).
 
 Shapes: B prompts, K images per prompt, N = B * K images, L text tokens, D text width,

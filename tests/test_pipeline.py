@@ -94,6 +94,8 @@ def test_images_and_latents_match_reference(request, vae, guidance):
 @pytest.mark.parametrize("prompt", ["", "a long caption, " * 100])
 def test_an_empty_and_a_truncated_prompt_match_reference(ref_flux, ours_flux, prompt):
     """The empty prompt, and one past the 256 tokens the model reads (encoded here only up to the longest)."""
+    ids, _ = ours_flux.tokenizer([prompt], max_length=1000, padding="longest")
+    assert (ids.shape[1] > 256) == bool(prompt)
     expected = reference(ref_flux, prompt, guidance_scale=4.0, output_type="pt")
     images = ours(ours_flux, prompt, guidance_scale=4.0, output_type="pt")
     assert (images - expected).abs().max().item() <= IMAGE_TOL
